@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(0) => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::FAILURE,
+        Ok(code) => ExitCode::from(code as u8),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

@@ -51,17 +51,17 @@ pub fn run(env: &Env, options: &Options) -> Result<Summary> {
     }
 
     let mut previous = State::load(root)?;
+    // Every boot is recorded, also one that found nothing, so `status` can tell "ran,
+    // nothing to do" from "has not run".
     let boot = |previous: &mut Option<State>, ds: Option<String>, outcome: &str| -> Result<()> {
-        if let Some(state) = previous.as_mut() {
-            state.last_boot = Some(Boot {
-                at: state::now(),
-                datasource: ds,
-                outcome: outcome.to_owned(),
-                ms: started.elapsed().as_millis() as u64,
-            });
-            state.save(root)?;
-        }
-        Ok(())
+        let state = previous.get_or_insert_with(State::default);
+        state.last_boot = Some(Boot {
+            at: state::now(),
+            datasource: ds,
+            outcome: outcome.to_owned(),
+            ms: started.elapsed().as_millis() as u64,
+        });
+        state.save(root)
     };
 
     let source: Box<dyn Datasource> = match find(env, options) {
@@ -110,6 +110,11 @@ pub fn run(env: &Env, options: &Options) -> Result<Summary> {
     };
 
     let machine_uuid = machine_uuid(env);
+    // A state without an instance only recorded boots that found no seed.
+    let boot_only = previous.as_ref().is_some_and(|p| p.instance_id.is_empty());
+    if boot_only {
+        previous = None;
+    }
     let resume = previous
         .as_ref()
         .filter(|p| p.instance_id == meta.instance_id);
@@ -159,9 +164,13 @@ pub fn run(env: &Env, options: &Options) -> Result<Summary> {
 
     // The documents: each is independent, so a broken one does not stop the others.
     let mut cfg = CloudConfig::default();
+    let mut user_data_ok = false;
     if let Some(bytes) = &files.user_data {
         match userdata::parse(bytes, "user-data") {
-            Ok(UserData::Config(c)) => cfg = *c,
+            Ok(UserData::Config(c)) => {
+                cfg = *c;
+                user_data_ok = true;
+            }
             Ok(UserData::Skipped(why)) => st.problems.push(why),
             Err(err) => st.problems.push(format!("{err:#}; user-data not applied")),
         }
@@ -255,7 +264,7 @@ pub fn run(env: &Env, options: &Options) -> Result<Summary> {
         }
     }
 
-    if files.user_data.is_some() || !meta.public_keys.is_empty() {
+    if user_data_ok || !meta.public_keys.is_empty() {
         let default_name = apply::users::distro_default_user(root);
         let plans = apply::users::plan(&cfg, &default_name, &meta.public_keys);
         steps.run("users", |warnings| {

@@ -13,22 +13,38 @@ pub fn run(root: &Root, json: bool) -> Result<i32> {
             None => serde_json::json!({ "instance_id": null }),
         };
         println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(0);
+        return Ok(state.as_ref().map(exit_code).unwrap_or(2));
     }
     let Some(s) = state else {
-        println!("omni-firstboot has not configured this machine yet.");
-        return Ok(0);
+        println!("omni-firstboot has not run on this machine yet.");
+        return Ok(2);
     };
     print!("{}", render(&s));
-    Ok(if s.steps.iter().any(|st| st.status == Status::Failed) {
+    Ok(exit_code(&s))
+}
+
+/// 0: the last run finished (or found no seed); 1: a step failed; 2: not run or unfinished.
+pub fn exit_code(s: &State) -> i32 {
+    if s.steps.iter().any(|st| st.status == Status::Failed) {
         1
-    } else {
+    } else if s.instance_id.is_empty() {
+        if s.last_boot.is_some() { 0 } else { 2 }
+    } else if s.finished_at.is_some() {
         0
-    })
+    } else {
+        2
+    }
 }
 
 pub fn render(s: &State) -> String {
     let mut out = String::new();
+    if s.instance_id.is_empty() {
+        out.push_str("no instance configured yet\n");
+        if let Some(b) = &s.last_boot {
+            out.push_str(&format!("last boot:   {} {}\n", b.at, b.outcome));
+        }
+        return out;
+    }
     out.push_str(&format!("instance:    {}\n", s.instance_id));
     out.push_str(&format!("datasource:  {}\n", s.datasource));
     let took = s

@@ -18,7 +18,7 @@ use crate::fsutil::{self, Root};
 /// The user-data key of the section.
 pub const SECTION: &str = "omni_appliance";
 
-/// The file, written by the image's overlay, naming the appliance: `tsidp` or `omni`.
+/// The file, written by the builder, naming the appliance: `tsidp`, `omni` or `none`.
 pub const MARKER: &str = "/etc/omni-image/appliance";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +52,10 @@ impl Appliance {
         let text = String::from_utf8_lossy(&bytes);
         match Appliance::parse(&text) {
             Some(a) => Ok(Some(a)),
+            // The builder writes `none` for an image that is no appliance.
+            None if matches!(text.trim(), "" | "none") => Ok(None),
             None => anyhow::bail!(
-                "{} names the appliance `{}`; expected `tsidp` or `omni`",
+                "{} names the appliance `{}`; expected `tsidp`, `omni` or `none`",
                 path.display(),
                 text.trim()
             ),
