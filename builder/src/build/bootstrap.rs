@@ -1,0 +1,230 @@
+//! Step 1: the root tree, bootstrapped from distribution packages by mmdebstrap.
+//!
+//! Downloaded packages are kept in the cache folder between builds: they are synced into the
+//! tree's apt archive before apt runs and synced back out afterwards, so a second build of
+//! the same package set downloads nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result, bail};
+
+use super::steps::Step;
+use crate::exec::Cmd;
+use crate::recipe::Recipe;
+
+/// Packages every image needs for its boot chain and first boot, whatever the recipe says.
+pub const LAYOUT_PACKAGES: &[&str] =
+    &["systemd", "systemd-sysv", "udev", "systemd-boot-efi", "e2fsprogs", "initramfs-tools"];
+
+/// Documentation, manual pages and translations are left out of images.
+const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+];
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Package files fetched from the mirror in this build (not found in the cache).
+    pub downloaded: Vec<String>,
+    /// Package files that came from the cache.
+    pub cached: usize,
+}
+
+pub fn packages(recipe: &Recipe) -> Vec<String> {
+    let mut all: Vec<String> = LAYOUT_PACKAGES.iter().map(|s| s.to_string()).collect();
+    all.push(recipe.kernel.package.clone());
+    for p in &recipe.packages {
+        if !all.contains(p) {
+            all.push(p.clone());
+        }
+    }
+    all
+}
+
+/// The mmdebstrap command line for a recipe (also used by the benchmark's bare run).
+pub fn command(recipe: &Recipe, tree: &Path, apt_cache: Option<&Path>, epoch: i64) -> Cmd {
+    let mode = if crate::hosttools::is_root() { "root" } else { "unshare" };
+    let mut cmd = Cmd::new("mmdebstrap")
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .arg(format!("--mode={mode}"))
+        .arg(format!("--variant={}", recipe.base.variant))
+        .arg("--format=directory")
+        .arg(format!("--components={}", recipe.base.components.join(",")))
+        .arg(format!("--keyring={}", recipe.base.keyring.display()))
+        .arg(format!("--include={}", packages(recipe).join(",")))
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        .arg("--aptopt=APT::Install-Recommends \"false\"");
+    for ex in DPKG_EXCLUDES {
+        cmd = cmd.arg(format!("--dpkgopt={ex}"));
+    }
+    if let Some(cache) = apt_cache {
+        // Keep what apt downloads: do not unlink the essential set, do not empty the archive
+        // before our hook has copied it out.
+        cmd = cmd
+            .arg("--skip=essential/unlink")
+            .arg("--skip=download/empty")
+            .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives")
+            .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", cache.display()))
+            .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", cache.display()))
+            .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb");
+    }
+    cmd.arg(&recipe.base.suite).arg(tree).arg(recipe.mirror())
+}
+
+/// Package files in the cache, with size and modification time, to tell afterwards what was
+/// downloaded.
+fn snapshot(dir: &Path) -> Result<BTreeMap<String, (u64, SystemTime)>> {
+    let mut out = BTreeMap::new();
+    for entry in fs_err::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".deb") {
+            let meta = entry.metadata()?;
+            out.insert(name, (meta.len(), meta.modified()?));
+        }
+    }
+    Ok(out)
+}
+
+pub fn apt_cache_dir(cache: &Path, recipe: &Recipe) -> PathBuf {
+    cache.join("apt").join(format!("{}-{}", recipe.base.distribution, recipe.base.suite))
+}
+
+pub fn run(recipe: &Recipe, tree: &Path, cache: &Path, epoch: i64, step: &Step) -> Result<Outcome> {
+    if !recipe.base.keyring.is_file() {
+        bail!(
+            "base.keyring: {} does not exist; install {} or point base.keyring at the archive's \
+             keyring",
+            recipe.base.keyring.display(),
+            recipe.base.distribution.keyring_package()
+        );
+    }
+    let apt_cache = apt_cache_dir(cache, recipe);
+    fs_err::create_dir_all(&apt_cache).context("creating the package cache")?;
+    let before = snapshot(&apt_cache)?;
+
+    let cmd = command(recipe, tree, Some(&apt_cache), epoch);
+    let mut last_phase = String::new();
+    cmd.run_lines(|line| {
+        if let Some(msg) = line.strip_prefix("I: ") {
+            step.note(msg);
+            last_phase = msg.to_owned();
+        } else if line.starts_with("E: ") || line.starts_with("W: ") {
+            step.say(line);
+        }
+    })
+    .map_err(|err| explain(err, recipe, &last_phase))?;
+
+    let after = snapshot(&apt_cache)?;
+    let downloaded: Vec<String> = after
+        .iter()
+        .filter(|(name, meta)| before.get(*name) != Some(meta))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let cached = after.len() - downloaded.len();
+    Ok(Outcome { downloaded, cached })
+}
+
+/// The suite's `InRelease`, fetched before bootstrapping: it tells "unknown suite" from
+/// "unreachable mirror" before mmdebstrap spends time finding out, and its date is the
+/// default `SOURCE_DATE_EPOCH`.
+pub fn fetch_inrelease(recipe: &Recipe) -> Result<Vec<u8>> {
+    let url = format!("{}/dists/{}/InRelease", recipe.mirror(), recipe.base.suite);
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    match agent.get(&url).call() {
+        Ok(mut resp) if resp.status().is_success() => Ok(resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .with_context(|| format!("reading {url}"))?),
+        Ok(resp) if resp.status().as_u16() == 404 => bail!(
+            "base.suite: `{}` is not a suite of {} ({url} answered 404); check the spelling \
+             (Debian 13 is \"trixie\", Ubuntu 24.04 \"noble\")",
+            recipe.base.suite,
+            recipe.mirror()
+        ),
+        Ok(resp) => bail!("base.mirror: {url} answered {}", resp.status()),
+        Err(err) => bail!(
+            "base.mirror: cannot reach {} ({err}); check the network or set base.mirror to a \
+             mirror you can reach",
+            recipe.mirror()
+        ),
+    }
+}
+
+/// The `Date:` field of a Release file, as text and as a Unix time.
+pub fn release_date(inrelease: &[u8]) -> Option<(String, i64)> {
+    let text = String::from_utf8_lossy(inrelease);
+    let value = text.lines().find_map(|l| l.strip_prefix("Date:"))?.trim().to_owned();
+    // "Sat, 15 Nov 2025 09:27:39 UTC"
+    let parts: Vec<&str> = value.split_whitespace().collect();
+    let [_, day, month, year, time, ..] = parts.as_slice() else { return None };
+    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        .iter()
+        .position(|m| m == month)? as i64
+        + 1;
+    let (day, year): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
+    let hms: Vec<i64> = time.split(':').filter_map(|p| p.parse().ok()).collect();
+    let [h, m, s] = hms.as_slice() else { return None };
+    // Days from civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((value, days * 86_400 + h * 3600 + m * 60 + s))
+}
+
+fn explain(err: anyhow::Error, recipe: &Recipe, phase: &str) -> anyhow::Error {
+    if err.is::<crate::interrupt::Interrupted>() {
+        return err;
+    }
+    let text = format!("{err:#}");
+    if text.contains("Unable to locate package") || text.contains("has no installation candidate") {
+        return err.context(format!(
+            "a package named in the recipe does not exist in {} {}: check `packages`",
+            recipe.base.distribution, recipe.base.suite
+        ));
+    }
+    err.context(format!("bootstrapping {} {} (while {phase})", recipe.base.distribution, recipe.base.suite))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_date_parses() {
+        let r = b"Origin: Debian\nDate: Sat, 15 Nov 2025 09:27:39 UTC\nSuite: stable\n";
+        let (text, epoch) = release_date(r).unwrap();
+        assert_eq!(text, "Sat, 15 Nov 2025 09:27:39 UTC");
+        assert_eq!(epoch, 1_763_198_859);
+        assert!(release_date(b"Origin: x\n").is_none());
+    }
+
+    #[test]
+    fn layout_packages_come_first_without_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, "packages = [\"systemd\", \"sudo\"]\n[base]\nsuite = \"trixie\"\n").unwrap();
+        let r = Recipe::load(&path).unwrap();
+        let p = packages(&r);
+        assert_eq!(p.iter().filter(|x| *x == "systemd").count(), 1);
+        assert!(p.contains(&"linux-image-cloud-amd64".to_owned()));
+        assert_eq!(p.last().unwrap(), "sudo");
+    }
+}

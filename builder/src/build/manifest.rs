@@ -1,0 +1,102 @@
+//! `NAME.manifest.json`: what an image holds and how it was made.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::steps::Timing;
+use crate::recipe::Recipe;
+
+#[derive(Debug, Serialize)]
+pub struct Manifest<'a> {
+    pub name: &'a str,
+    pub builder: String,
+    pub recipe: &'a Recipe,
+    pub recipe_hash: String,
+    pub recipe_files: Vec<String>,
+    pub source_date_epoch: i64,
+    pub archive: Archive,
+    pub kernel: String,
+    pub kernel_cmdline: String,
+    pub packages: Vec<Package>,
+    pub downloaded_packages: usize,
+    pub cached_packages: usize,
+    pub sizes: Sizes,
+    pub outputs: Vec<OutputFile>,
+    pub timings: Vec<Timing>,
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Archive {
+    pub mirror: String,
+    pub suite: String,
+    /// The `Date:` of the suite's InRelease when the build fetched it.
+    pub inrelease_date: Option<String>,
+    pub inrelease_sha256: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sizes {
+    pub tree_bytes: u64,
+    pub disk_bytes: u64,
+    pub esp_bytes: u64,
+    pub root_bytes: u64,
+    /// Bytes the raw disk occupies on the host (it is sparse).
+    pub raw_allocated_bytes: u64,
+    pub qcow2_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutputFile {
+    pub format: String,
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+}
+
+/// The installed packages, from the tree's dpkg status file, sorted by name.
+pub fn installed_packages(tree: &Path) -> Result<Vec<Package>> {
+    let status = fs_err::read_to_string(tree.join("var/lib/dpkg/status"))?;
+    Ok(parse_status(&status))
+}
+
+fn parse_status(status: &str) -> Vec<Package> {
+    let mut out = Vec::new();
+    for stanza in status.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim().to_owned())
+        };
+        let installed = field("Status").is_some_and(|s| s.ends_with(" installed"));
+        if let (true, Some(name), Some(version)) = (installed, field("Package"), field("Version")) {
+            let architecture = field("Architecture").unwrap_or_default();
+            out.push(Package { name, version, architecture });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name).then(a.architecture.cmp(&b.architecture)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_only_installed_packages() {
+        let status = "Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2.41-12\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+                      Package: base-files\nStatus: install ok installed\nVersion: 13.8\nArchitecture: amd64\n";
+        let pkgs = parse_status(status);
+        assert_eq!(pkgs.len(), 2);
+        assert_eq!(pkgs[0].name, "base-files");
+        assert_eq!(pkgs[1], Package { name: "libc6".into(), version: "2.41-12".into(), architecture: "amd64".into() });
+    }
+}

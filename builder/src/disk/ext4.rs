@@ -1,0 +1,78 @@
+//! The root filesystem: `mkfs.ext4 -d` fills it from the tree, written in place at the root
+//! partition's offset inside the disk file.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use super::Layout;
+use crate::exec::Cmd;
+use crate::size::{MIB, human};
+
+pub const LABEL: &str = "root";
+const BLOCK: u64 = 4096;
+
+/// Bytes a tree needs as ext4: its files rounded up to blocks, inodes, and the journal and
+/// metadata that mke2fs reserves (a generous estimate: it is only used to fail early).
+pub fn estimate(tree: &Path) -> Result<u64> {
+    let mut data = 0u64;
+    let mut inodes = 0u64;
+    for entry in walkdir::WalkDir::new(tree) {
+        let entry = entry?;
+        inodes += 1;
+        let meta = entry.metadata()?;
+        if meta.is_file() || meta.is_dir() {
+            data += meta.len().div_ceil(BLOCK) * BLOCK;
+        }
+        if inodes % 4096 == 0 {
+            crate::interrupt::check()?;
+        }
+    }
+    let journal = 64 * MIB;
+    Ok(data + inodes * 256 + journal + data / 20 + 16 * MIB)
+}
+
+/// The `disk.size` that would fit a root tree of `needed` bytes, rounded up to 256 MiB.
+fn suggest_disk_size(layout: &Layout, needed: u64) -> u64 {
+    let total = layout.root_start + needed + MIB;
+    total.div_ceil(256 * MIB) * 256
+}
+
+pub fn write(raw: &Path, layout: &Layout, tree: &Path, epoch: i64) -> Result<()> {
+    let needed = estimate(tree)?;
+    if needed > layout.root_size {
+        bail!(
+            "the disk is too small: the root tree needs about {} but the root partition has {}; \
+             set disk.size to at least {}M",
+            human(needed),
+            human(layout.root_size),
+            suggest_disk_size(layout, needed)
+        );
+    }
+    let blocks = layout.root_size / BLOCK;
+    let ids = &layout.ids;
+    let cmd = Cmd::new(crate::hosttools::find_program("mkfs.ext4").unwrap_or("mkfs.ext4".into()))
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", LABEL])
+        .arg("-U")
+        .arg(ids.root_fs_uuid.to_string())
+        .arg("-E")
+        .arg(format!("offset={},hash_seed={},root_owner=0:0", layout.root_start, ids.root_hash_seed))
+        .arg("-d")
+        .arg(tree)
+        .arg(raw)
+        .arg(blocks.to_string());
+    if let Err(err) = cmd.output() {
+        let text = format!("{err:#}");
+        if text.contains("Could not allocate block") || text.contains("No space left") {
+            bail!(
+                "the disk is too small: mkfs.ext4 ran out of space filling the root partition \
+                 ({}); set disk.size to at least {}M\n{text}",
+                human(layout.root_size),
+                suggest_disk_size(layout, needed + needed / 4)
+            );
+        }
+        return Err(err.context(format!("making the root filesystem in {}", raw.display())));
+    }
+    Ok(())
+}

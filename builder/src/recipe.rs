@@ -1,0 +1,679 @@
+//! Recipes: what an image is made of, in TOML.
+//!
+//! A recipe file may `extends` another (its path relative to the extending file); the chain
+//! is merged from the most general file to the most specific one:
+//! - tables (`base`, `disk`, `kernel`, `output`, `vm`) merge key by key, the later file wins;
+//! - `packages` accumulate; an entry `-name` removes `name` inherited from an earlier file;
+//! - `overlays` accumulate in order, earlier files' overlays first;
+//! - `kernel.cmdline` accumulates, earlier files' words first;
+//! - `variables` merge key by key, the later file wins;
+//! - `services.enable`, `services.disable` and `services.mask` accumulate.
+//!
+//! Unknown keys are errors reported as `file:line:column`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::size::{MIB, Size};
+
+/// How deep `extends` may nest before it is taken for a cycle.
+const MAX_EXTENDS: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    Debian,
+    Ubuntu,
+}
+
+impl Distribution {
+    pub fn default_mirror(self) -> &'static str {
+        match self {
+            Distribution::Debian => "http://deb.debian.org/debian",
+            Distribution::Ubuntu => "http://archive.ubuntu.com/ubuntu",
+        }
+    }
+
+    pub fn default_keyring(self) -> &'static str {
+        match self {
+            Distribution::Debian => "/usr/share/keyrings/debian-archive-keyring.gpg",
+            Distribution::Ubuntu => "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+        }
+    }
+
+    pub fn default_components(self) -> &'static [&'static str] {
+        match self {
+            Distribution::Debian => &["main"],
+            Distribution::Ubuntu => &["main", "universe"],
+        }
+    }
+
+    /// The kernel meant for virtual machines.
+    pub fn default_kernel_package(self) -> &'static str {
+        match self {
+            Distribution::Debian => "linux-image-cloud-amd64",
+            Distribution::Ubuntu => "linux-image-virtual",
+        }
+    }
+
+    /// The package holding the keyring file, named in the error when the file is missing.
+    pub fn keyring_package(self) -> &'static str {
+        match self {
+            Distribution::Debian => "debian-archive-keyring",
+            Distribution::Ubuntu => "ubuntu-keyring",
+        }
+    }
+}
+
+impl fmt::Display for Distribution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Distribution::Debian => "debian",
+            Distribution::Ubuntu => "ubuntu",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Appliance {
+    Tsidp,
+    Omni,
+}
+
+impl Appliance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Appliance::Tsidp => "tsidp",
+            Appliance::Omni => "omni",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+// One file as written. Every key is optional here; what is required is checked after the
+// chain has been merged.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RecipeFile {
+    extends: Option<String>,
+    name: Option<String>,
+    description: Option<String>,
+    appliance: Option<Appliance>,
+    base: Option<BaseFile>,
+    packages: Option<Vec<String>>,
+    disk: Option<DiskFile>,
+    kernel: Option<KernelFile>,
+    overlays: Option<Vec<String>>,
+    variables: Option<toml::Table>,
+    output: Option<OutputFile>,
+    vm: Option<VmFile>,
+    services: Option<ServicesFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct BaseFile {
+    distribution: Option<Distribution>,
+    suite: Option<String>,
+    mirror: Option<String>,
+    components: Option<Vec<String>>,
+    keyring: Option<PathBuf>,
+    variant: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct DiskFile {
+    size: Option<Size>,
+    esp_size: Option<Size>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KernelFile {
+    package: Option<String>,
+    cmdline: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OutputFile {
+    formats: Option<Vec<Format>>,
+    compress: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ServicesFile {
+    enable: Option<Vec<String>>,
+    disable: Option<Vec<String>>,
+    mask: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct VmFile {
+    memory: Option<u32>,
+    cores: Option<u32>,
+    tags: Option<Vec<String>>,
+}
+
+/// A recipe with its `extends` chain merged and every default filled in.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Recipe {
+    pub name: String,
+    pub description: String,
+    pub appliance: Option<Appliance>,
+    pub base: Base,
+    pub packages: Vec<String>,
+    pub disk: Disk,
+    pub kernel: Kernel,
+    pub overlays: Vec<Overlay>,
+    pub variables: toml::Table,
+    pub output: Output,
+    pub vm: Vm,
+    pub services: Services,
+    /// The files merged, most general first, as given or found.
+    #[serde(skip)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Base {
+    pub distribution: Distribution,
+    pub suite: String,
+    pub mirror: String,
+    pub components: Vec<String>,
+    pub keyring: PathBuf,
+    pub variant: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Disk {
+    pub size: Size,
+    pub esp_size: Size,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Kernel {
+    pub package: String,
+    pub cmdline: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Output {
+    pub formats: Vec<Format>,
+    pub compress: bool,
+}
+
+/// systemd units to enable, disable or mask in the image (accumulated along `extends`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Services {
+    pub enable: Vec<String>,
+    pub disable: Vec<String>,
+    pub mask: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Vm {
+    pub memory: u32,
+    pub cores: u32,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Overlay {
+    /// As written in the recipe.
+    pub name: String,
+    /// Resolved against the folder of the recipe file that names it.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl Recipe {
+    /// Reads a recipe and the files it extends.
+    pub fn load(path: &Path) -> Result<Recipe> {
+        let mut chain = Vec::new();
+        let mut next = Some(path.to_path_buf());
+        while let Some(path) = next.take() {
+            if chain.iter().any(|(p, _): &(PathBuf, RecipeFile)| same_file(p, &path)) {
+                bail!("{}: `extends` forms a cycle", path.display());
+            }
+            if chain.len() == MAX_EXTENDS {
+                bail!("{}: `extends` nests deeper than {MAX_EXTENDS} files", path.display());
+            }
+            let file = read_file(&path)?;
+            if let Some(parent) = &file.extends {
+                next = Some(relative_to(&path, parent));
+            }
+            chain.push((path, file));
+        }
+        chain.reverse();
+        merge(chain, path)
+    }
+
+    /// A sha256 over the merged recipe, as JSON with sorted keys. Overlay contents are not
+    /// part of it.
+    pub fn hash(&self) -> String {
+        let value = serde_json::to_value(self).expect("recipes serialize");
+        hex::encode(Sha256::digest(value.to_string()))
+    }
+
+    pub fn mirror(&self) -> &str {
+        self.base.mirror.trim_end_matches('/')
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn relative_to(file: &Path, target: &str) -> PathBuf {
+    file.parent().unwrap_or(Path::new(".")).join(target)
+}
+
+fn read_file(path: &Path) -> Result<RecipeFile> {
+    let text = fs_err::read_to_string(path).context("reading recipe")?;
+    toml::from_str(&text).map_err(|err| {
+        let (line, col) = err.span().map(|s| line_col(&text, s.start)).unwrap_or((1, 1));
+        anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), err.message())
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
+    let mut name = None;
+    let mut description = None;
+    let mut appliance = None;
+    let mut base = BaseFile::default();
+    let mut packages: Vec<String> = Vec::new();
+    let mut disk = DiskFile::default();
+    let mut kernel_package = None;
+    let mut cmdline = Vec::new();
+    let mut overlays = Vec::new();
+    let mut variables = toml::Table::new();
+    let mut output = OutputFile::default();
+    let mut vm = VmFile::default();
+    let mut services = Services::default();
+    let mut files = Vec::new();
+
+    for (path, file) in chain {
+        name = file.name.or(name);
+        description = file.description.or(description);
+        appliance = file.appliance.or(appliance);
+        if let Some(b) = file.base {
+            base.distribution = b.distribution.or(base.distribution);
+            base.suite = b.suite.or(base.suite);
+            base.mirror = b.mirror.or(base.mirror);
+            base.components = b.components.or(base.components);
+            base.keyring = b.keyring.map(|k| resolve_keyring(&path, k)).or(base.keyring);
+            base.variant = b.variant.or(base.variant);
+        }
+        for pkg in file.packages.unwrap_or_default() {
+            if let Some(removed) = pkg.strip_prefix('-') {
+                let before = packages.len();
+                packages.retain(|p| p != removed);
+                if before == packages.len() {
+                    bail!(
+                        "{}: packages: `{pkg}` removes `{removed}`, which no recipe it extends \
+                         installs",
+                        path.display()
+                    );
+                }
+            } else if !packages.contains(&pkg) {
+                packages.push(pkg);
+            }
+        }
+        if let Some(d) = file.disk {
+            disk.size = d.size.or(disk.size);
+            disk.esp_size = d.esp_size.or(disk.esp_size);
+        }
+        if let Some(k) = file.kernel {
+            kernel_package = k.package.or(kernel_package);
+            cmdline.extend(k.cmdline.unwrap_or_default());
+        }
+        for overlay in file.overlays.unwrap_or_default() {
+            let resolved = relative_to(&path, &overlay);
+            if !resolved.is_dir() {
+                bail!(
+                    "{}: overlays: folder `{overlay}` does not exist (looked for {}); overlay \
+                     paths are relative to the recipe file that names them",
+                    path.display(),
+                    resolved.display()
+                );
+            }
+            overlays.push(Overlay { name: overlay, path: resolved });
+        }
+        for (k, v) in file.variables.unwrap_or_default() {
+            variables.insert(k, v);
+        }
+        if let Some(o) = file.output {
+            output.formats = o.formats.or(output.formats);
+            output.compress = o.compress.or(output.compress);
+        }
+        if let Some(v) = file.vm {
+            vm.memory = v.memory.or(vm.memory);
+            vm.cores = v.cores.or(vm.cores);
+            vm.tags = v.tags.or(vm.tags);
+        }
+        if let Some(sv) = file.services {
+            services.enable.extend(sv.enable.unwrap_or_default());
+            services.disable.extend(sv.disable.unwrap_or_default());
+            services.mask.extend(sv.mask.unwrap_or_default());
+        }
+        files.push(path);
+    }
+
+    let top_name = top.display();
+    let distribution = base.distribution.unwrap_or(Distribution::Debian);
+    let suite = base
+        .suite
+        .with_context(|| format!("{top_name}: `base.suite` is not set (e.g. \"trixie\")"))?;
+    let name = match name {
+        Some(n) => n,
+        None => top
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .context("recipe has no `name` and its file name gives none")?,
+    };
+    check_name(&name).with_context(|| format!("{top_name}: `name`"))?;
+    let disk = Disk {
+        size: disk.size.unwrap_or(Size(2 << 30)),
+        esp_size: disk.esp_size.unwrap_or(Size(128 * MIB)),
+    };
+    if disk.esp_size.bytes() < 40 * MIB {
+        bail!("{top_name}: `disk.esp-size` is {}: an ESP needs at least 40M", disk.esp_size);
+    }
+    if disk.size.bytes() < disk.esp_size.bytes() + 256 * MIB {
+        bail!(
+            "{top_name}: `disk.size` ({}) leaves less than 256M for the root filesystem",
+            disk.size
+        );
+    }
+    let keyring =
+        base.keyring.unwrap_or_else(|| PathBuf::from(distribution.default_keyring()));
+    let recipe = Recipe {
+        name,
+        description: description.unwrap_or_default(),
+        appliance,
+        base: Base {
+            distribution,
+            suite,
+            mirror: base.mirror.unwrap_or_else(|| distribution.default_mirror().to_owned()),
+            components: base.components.unwrap_or_else(|| {
+                distribution.default_components().iter().map(|s| s.to_string()).collect()
+            }),
+            keyring,
+            variant: base.variant.unwrap_or_else(|| "minbase".to_owned()),
+        },
+        packages,
+        disk,
+        kernel: Kernel {
+            package: kernel_package
+                .unwrap_or_else(|| distribution.default_kernel_package().to_owned()),
+            cmdline,
+        },
+        overlays,
+        variables,
+        output: Output {
+            formats: output.formats.unwrap_or_else(|| vec![Format::Qcow2]),
+            compress: output.compress.unwrap_or(false),
+        },
+        vm: Vm {
+            memory: vm.memory.unwrap_or(1024),
+            cores: vm.cores.unwrap_or(1),
+            tags: vm.tags.unwrap_or_default(),
+        },
+        services,
+        files,
+    };
+    if !matches!(recipe.base.variant.as_str(), "minbase" | "essential" | "apt" | "required") {
+        bail!(
+            "{top_name}: `base.variant` is `{}`: use minbase, required, essential or apt",
+            recipe.base.variant
+        );
+    }
+    if recipe.output.formats.is_empty() {
+        bail!("{top_name}: `output.formats` is empty: name at least \"qcow2\" or \"raw\"");
+    }
+    Ok(recipe)
+}
+
+/// Keyrings given as relative paths are relative to the recipe file; absolute ones are
+/// host paths such as `/usr/share/keyrings/...`.
+fn resolve_keyring(recipe: &Path, keyring: PathBuf) -> PathBuf {
+    if keyring.is_absolute() { keyring } else { recipe.parent().unwrap_or(Path::new(".")).join(keyring) }
+}
+
+/// Image names become file names, VM names and host names: keep them DNS labels.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        bail!("`{name}` is not a valid name: use lowercase letters, digits and inner dashes");
+    }
+    Ok(())
+}
+
+/// The template variables overlays see: the recipe's own, plus `recipe.*` facts.
+pub fn template_context(recipe: &Recipe) -> BTreeMap<String, serde_json::Value> {
+    let mut ctx: BTreeMap<String, serde_json::Value> = recipe
+        .variables
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::to_value(v).expect("toml values serialize")))
+        .collect();
+    ctx.insert(
+        "recipe".into(),
+        serde_json::json!({
+            "name": recipe.name,
+            "appliance": recipe.appliance.map(Appliance::as_str),
+            "distribution": recipe.base.distribution.to_string(),
+            "suite": recipe.base.suite,
+        }),
+    );
+    ctx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const BASE: &str = r#"
+packages = ["systemd"]
+[base]
+suite = "trixie"
+"#;
+
+    #[test]
+    fn unknown_key_names_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "r.toml", "[base]\nsuite = \"trixie\"\nmirorr = \"x\"\n");
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("r.toml:3:1"), "{err}");
+        assert!(err.contains("unknown field `mirorr`"), "{err}");
+    }
+
+    #[test]
+    fn top_level_typo_is_reported_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "r.toml", "pakages = [\"vim\"]\n[base]\nsuite = \"trixie\"\n");
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("r.toml:1:1"), "{err}");
+        assert!(err.contains("pakages"), "{err}");
+    }
+
+    #[test]
+    fn bad_size_is_reported_with_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[base]\nsuite = \"trixie\"\n[disk]\nsize = \"2X\"\n";
+        let path = write(dir.path(), "r.toml", text);
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("r.toml:4:8"), "{err}");
+        assert!(err.contains("not a size unit"), "{err}");
+    }
+
+    #[test]
+    fn extends_merges_by_the_documented_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("o1")).unwrap();
+        std::fs::create_dir_all(dir.path().join("o2")).unwrap();
+        write(
+            dir.path(),
+            "base.toml",
+            r#"
+packages = ["systemd", "less", "vim-tiny"]
+overlays = ["o1"]
+[base]
+suite = "trixie"
+components = ["main"]
+[disk]
+size = "2G"
+[kernel]
+cmdline = ["console=ttyS0"]
+[variables]
+greeting = "hello"
+port = 443
+"#,
+        );
+        let child = write(
+            dir.path(),
+            "child.toml",
+            r#"
+extends = "base.toml"
+packages = ["docker.io", "-less", "systemd"]
+overlays = ["o2"]
+[disk]
+esp-size = "64M"
+[kernel]
+cmdline = ["quiet"]
+[variables]
+greeting = "hi"
+"#,
+        );
+        let r = Recipe::load(&child).unwrap();
+        assert_eq!(r.name, "child");
+        assert_eq!(r.packages, ["systemd", "vim-tiny", "docker.io"]);
+        assert_eq!(r.overlays.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["o1", "o2"]);
+        assert_eq!(r.kernel.cmdline, ["console=ttyS0", "quiet"]);
+        assert_eq!(r.disk.size, Size(2 << 30));
+        assert_eq!(r.disk.esp_size, Size(64 << 20));
+        assert_eq!(r.variables["greeting"].as_str(), Some("hi"));
+        assert_eq!(r.variables["port"].as_integer(), Some(443));
+        assert_eq!(r.base.mirror, "http://deb.debian.org/debian");
+        assert_eq!(r.kernel.package, "linux-image-cloud-amd64");
+        assert_eq!(r.files.len(), 2);
+    }
+
+    #[test]
+    fn removing_a_package_nobody_installs_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", BASE);
+        let child =
+            write(dir.path(), "c.toml", "extends = \"base.toml\"\npackages = [\"-nano\"]\n");
+        let err = format!("{:#}", Recipe::load(&child).unwrap_err());
+        assert!(err.contains("`-nano` removes `nano`"), "{err}");
+    }
+
+    #[test]
+    fn missing_overlay_folder_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "r.toml",
+            "overlays = [\"nowhere\"]\n[base]\nsuite = \"trixie\"\n",
+        );
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("folder `nowhere` does not exist"), "{err}");
+    }
+
+    #[test]
+    fn extends_cycle_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.toml", "extends = \"b.toml\"\n");
+        let b = write(dir.path(), "b.toml", "extends = \"a.toml\"\n");
+        let err = format!("{:#}", Recipe::load(&b).unwrap_err());
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn missing_suite_and_bad_name_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "r.toml", "[disk]\nsize = \"2G\"\n");
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("`base.suite` is not set"), "{err}");
+        let path = write(dir.path(), "r.toml", "name = \"My_Image\"\n[base]\nsuite = \"trixie\"\n");
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("not a valid name"), "{err}");
+    }
+
+    #[test]
+    fn ubuntu_gets_its_own_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "u.toml", "[base]\ndistribution = \"ubuntu\"\nsuite = \"noble\"\n");
+        let r = Recipe::load(&path).unwrap();
+        assert_eq!(r.base.mirror, "http://archive.ubuntu.com/ubuntu");
+        assert_eq!(r.base.components, ["main", "universe"]);
+        assert_eq!(r.kernel.package, "linux-image-virtual");
+        assert!(r.base.keyring.ends_with("ubuntu-archive-keyring.gpg"));
+    }
+
+    #[test]
+    fn hash_changes_with_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.toml", "[base]\nsuite = \"trixie\"\n");
+        let b = write(dir.path(), "b.toml", "name = \"a\"\n[base]\nsuite = \"forky\"\n");
+        let (a, b) = (Recipe::load(&a).unwrap(), Recipe::load(&b).unwrap());
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash(), a.clone().hash());
+    }
+
+    #[test]
+    fn shipped_recipes_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        for name in ["tsidp.toml", "omni.toml"] {
+            let r = Recipe::load(&root.join(name)).unwrap();
+            assert!(r.packages.iter().any(|p| p == "systemd"), "{name}");
+            assert!(r.appliance.is_some(), "{name}");
+        }
+        let omni = Recipe::load(&root.join("omni.toml")).unwrap();
+        assert!(omni.packages.iter().any(|p| p == "docker.io"));
+        assert!(omni.packages.iter().any(|p| p == "docker-compose"));
+    }
+}
