@@ -21,9 +21,10 @@
 //!     tsidp's state shows a login, the key lines are removed at the next boot.
 //!   - omni: files under [`appliance::omni::DIR`] (`/etc/omni/`, 0700), see
 //!     [`appliance::omni`].
+//!
 //!   A file is written only when its secrets are complete and valid, so a service's
-//!   `ConditionPathExists=` on it keeps the service stopped otherwise;
-//!   `omni-firstboot status` names the missing keys.
+//!   `ConditionPathExists=` on it keeps the service stopped otherwise; `omni-firstboot
+//!   status` names the missing keys.
 //! - State: [`state::FILE`] (`/var/lib/omni-firstboot/state.json`, 0600).
 
 pub mod accounts;

@@ -102,11 +102,10 @@ fn the_kernel_command_line_and_the_seed_directory_are_sources() {
     let files = common::proxmox_files(None);
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, c)| (*n, c.as_slice())).collect();
     common::seed_dir(
-        &root
+        root
             .join("var/lib/cloud/seed/nocloud")
             .parent()
-            .unwrap()
-            .to_path_buf(),
+            .unwrap(),
         &refs,
     );
     fs_err::rename(
@@ -148,7 +147,7 @@ fn empty_and_truncated_isos_give_clear_errors() {
     let result = datasource::explicit(&cut).and_then(|ds| ds.read());
     let err = format!(
         "{:#}",
-        result.err().expect("a truncated ISO cannot be read")
+        result.expect_err("a truncated ISO cannot be read")
     );
     assert!(err.contains("cut.iso"), "{err}");
 }

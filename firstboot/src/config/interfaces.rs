@@ -49,8 +49,8 @@ pub fn parse(text: &str) -> anyhow::Result<Network> {
                         match *key {
                             "address" => iface.addresses.push(value),
                             "netmask" => {
-                                if let Some(last) = iface.addresses.last_mut() {
-                                    if !last.contains('/') {
+                                if let Some(last) = iface.addresses.last_mut()
+                                    && !last.contains('/') {
                                         let len = if v6 {
                                             value.parse()?
                                         } else {
@@ -58,7 +58,6 @@ pub fn parse(text: &str) -> anyhow::Result<Network> {
                                         };
                                         *last = format!("{last}/{len}");
                                     }
-                                }
                             }
                             "gateway" if v6 => iface.gateway6 = Some(value),
                             "gateway" => iface.gateway4 = Some(value),

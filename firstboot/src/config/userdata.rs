@@ -268,10 +268,7 @@ fn users(v: &Value, warnings: &mut Vec<String>) -> Vec<UserEntry> {
                 name: s.clone(),
                 ..Default::default()
             }))),
-            other => match user_spec(other, &format!("users[{i}]"), warnings) {
-                Some(spec) => out.push(UserEntry::User(Box::new(spec))),
-                None => {}
-            },
+            other => if let Some(spec) = user_spec(other, &format!("users[{i}]"), warnings) { out.push(UserEntry::User(Box::new(spec))) },
         }
     }
     out

@@ -31,9 +31,9 @@ pub fn find_by_label(env: &Env, labels: &[&str]) -> Result<Option<Found>> {
     for label in labels {
         for variant in [label.to_string(), label.to_uppercase()] {
             let link = by_label.join(&variant);
-            if link.exists() {
-                if let Ok(Some((kind, found))) = fs::probe(&link) {
-                    if matches(&found) {
+            if link.exists()
+                && let Ok(Some((kind, found))) = fs::probe(&link)
+                    && matches(&found) {
                         let device = std::fs::canonicalize(&link).unwrap_or(link);
                         return Ok(Some(Found {
                             device,
@@ -41,8 +41,6 @@ pub fn find_by_label(env: &Env, labels: &[&str]) -> Result<Option<Found>> {
                             label: found,
                         }));
                     }
-                }
-            }
         }
     }
 
@@ -58,15 +56,14 @@ pub fn find_by_label(env: &Env, labels: &[&str]) -> Result<Option<Found>> {
     for name in names {
         let device = env.dev.join(&name);
         // A drive without a medium or a device we may not read is simply not a seed.
-        if let Ok(Some((kind, label))) = fs::probe(&device) {
-            if matches(&label) {
+        if let Ok(Some((kind, label))) = fs::probe(&device)
+            && matches(&label) {
                 return Ok(Some(Found {
                     device,
                     kind,
                     label,
                 }));
             }
-        }
     }
     Ok(None)
 }
