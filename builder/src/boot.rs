@@ -22,7 +22,11 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 const KVM_SILENCE: Duration = Duration::from_secs(30);
 
 /// Lines on the console that mean the boot has failed for good.
-const FATAL: &[&str] = &["Kernel panic", "You are in emergency mode", "Give root password for maintenance"];
+const FATAL: &[&str] = &[
+    "Kernel panic",
+    "You are in emergency mode",
+    "Give root password for maintenance",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -103,7 +107,11 @@ pub fn run(args: &BootArgs) -> Result<()> {
 }
 
 fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 fn image_format(image: &Path) -> Result<String> {
@@ -128,11 +136,17 @@ pub fn boot(args: &BootArgs) -> Result<Report> {
         bail!("--seed: {} does not exist", seed.display());
     }
     let format = image_format(&args.image)?;
-    let tmp = tempfile::Builder::new().prefix("omni-image-boot-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("omni-image-boot-")
+        .tempdir()?;
     let vars = tmp.path().join("OVMF_VARS.fd");
     fs_err::copy(OVMF_VARS, &vars)?;
     let log_path = args.log.clone().unwrap_or_else(|| {
-        let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = args
+            .image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         args.image.with_file_name(format!("{stem}.serial.log"))
     });
 
@@ -160,7 +174,15 @@ pub fn boot(args: &BootArgs) -> Result<Report> {
     };
     let start = Instant::now();
     loop {
-        let attempt = Attempt { args, tmp: tmp.path(), vars: &vars, drive: &drive, drive_format: &drive_format, snapshot, accel };
+        let attempt = Attempt {
+            args,
+            tmp: tmp.path(),
+            vars: &vars,
+            drive: &drive,
+            drive_format: &drive_format,
+            snapshot,
+            accel,
+        };
         match attempt.run(&log_path, start)? {
             Outcome::Ready(mut report) => {
                 report.log = log_path;
@@ -207,12 +229,22 @@ impl Attempt<'_> {
         let mut c = Command::new("qemu-system-x86_64");
         c.args(["-machine", &format!("q35,accel={}", self.accel)])
             .args(["-cpu", if self.accel == "kvm" { "host" } else { "max" }])
-            .args(["-m", &self.args.memory.to_string(), "-smp", &self.args.cpus.to_string()])
+            .args([
+                "-m",
+                &self.args.memory.to_string(),
+                "-smp",
+                &self.args.cpus.to_string(),
+            ])
             .args(["-nodefaults", "-display", "none", "-no-user-config"])
             .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
             .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=1,file={}", self.vars.display()))
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                self.vars.display()
+            ))
             .arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format={},cache=unsafe{}",
@@ -221,17 +253,38 @@ impl Attempt<'_> {
                 if self.snapshot { ",snapshot=on" } else { "" }
             ))
             .args(["-netdev", "user,id=n0"])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", self.args.mac)])
-            .args(["-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"])
+            .args([
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={}", self.args.mac),
+            ])
+            .args([
+                "-chardev",
+                "stdio,id=ser0,signal=off",
+                "-serial",
+                "chardev:ser0",
+            ])
             .arg("-chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qga0", qga.display()))
-            .args(["-device", "virtio-serial-pci", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"])
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                qga.display()
+            ))
+            .args([
+                "-device",
+                "virtio-serial-pci",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()));
         if let Some(seed) = &self.args.seed {
-            c.arg("-drive").arg(format!("file={},media=cdrom,if=ide,readonly=on", seed.display()));
+            c.arg("-drive").arg(format!(
+                "file={},media=cdrom,if=ide,readonly=on",
+                seed.display()
+            ));
         }
-        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         c
     }
 
@@ -276,7 +329,10 @@ impl Attempt<'_> {
                 );
             }
             if self.accel == "kvm" && !seen_output && now - attempt_start > KVM_SILENCE {
-                return Ok(Outcome::KvmBroken(format!("no console output in {}s", KVM_SILENCE.as_secs())));
+                return Ok(Outcome::KvmBroken(format!(
+                    "no console output in {}s",
+                    KVM_SILENCE.as_secs()
+                )));
             }
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(Line::Serial(raw)) => {
@@ -301,12 +357,19 @@ impl Attempt<'_> {
                         }));
                     }
                     if let Some(f) = FATAL.iter().find(|f| line.contains(*f)) {
-                        bail!("the boot failed (`{f}`); the console's last lines ({}):\n{}", log_path.display(), tail_text(&tail));
+                        bail!(
+                            "the boot failed (`{f}`); the console's last lines ({}):\n{}",
+                            log_path.display(),
+                            tail_text(&tail)
+                        );
                     }
                 }
                 Ok(Line::Stderr(line)) => {
                     tracing::debug!("qemu: {line}");
-                    if self.accel == "kvm" && (line.contains("emulation failure") || line.contains("KVM internal error")) {
+                    if self.accel == "kvm"
+                        && (line.contains("emulation failure")
+                            || line.contains("KVM internal error"))
+                    {
                         return Ok(Outcome::KvmBroken(line));
                     }
                     qemu_errors.push(line);
@@ -314,7 +377,9 @@ impl Attempt<'_> {
                 Ok(Line::SerialClosed) => {
                     let status = guard.0.wait()?;
                     if self.accel == "kvm" && !seen_output {
-                        return Ok(Outcome::KvmBroken(format!("qemu exited ({status}) before any output")));
+                        return Ok(Outcome::KvmBroken(format!(
+                            "qemu exited ({status}) before any output"
+                        )));
                     }
                     bail!(
                         "qemu exited ({status}) before the ready line\n  qemu said: {}\n  console ({}):\n{}",
@@ -333,7 +398,8 @@ impl Attempt<'_> {
         if self.args.exec.is_empty() {
             return Ok(Vec::new());
         }
-        let mut agent = crate::qga::Agent::connect(&self.tmp.join("qga.sock"), Duration::from_secs(120))?;
+        let mut agent =
+            crate::qga::Agent::connect(&self.tmp.join("qga.sock"), Duration::from_secs(120))?;
         let mut out = Vec::new();
         for cmd in &self.args.exec {
             let res = agent.exec(cmd, Duration::from_secs(120))?;
@@ -389,7 +455,10 @@ fn qmp_powerdown(socket: &Path) -> Result<()> {
 }
 
 fn tail_text(tail: &std::collections::VecDeque<String>) -> String {
-    tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    tail.iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Drops terminal escape sequences (colours, cursor moves) from console output.
@@ -419,6 +488,9 @@ mod tests {
 
     #[test]
     fn strips_colour_codes() {
-        assert_eq!(strip_ansi("[\u{1b}[0;32m  OK  \u{1b}[0m] Reached target\r"), "[  OK  ] Reached target");
+        assert_eq!(
+            strip_ansi("[\u{1b}[0;32m  OK  \u{1b}[0m] Reached target\r"),
+            "[  OK  ] Reached target"
+        );
     }
 }

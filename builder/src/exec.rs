@@ -22,7 +22,11 @@ pub struct Cmd {
 
 impl Cmd {
     pub fn new(program: impl AsRef<OsStr>) -> Self {
-        Cmd { program: program.as_ref().to_owned(), args: Vec::new(), env: Vec::new() }
+        Cmd {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
@@ -35,12 +39,14 @@ impl Cmd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
     }
 
@@ -172,9 +178,14 @@ mod tests {
 
     #[test]
     fn failure_carries_command_and_tail() {
-        let err = Cmd::new("sh").args(["-c", "echo first; echo boom >&2; exit 3"]).output();
+        let err = Cmd::new("sh")
+            .args(["-c", "echo first; echo boom >&2; exit 3"])
+            .output();
         let msg = format!("{:#}", err.unwrap_err());
-        assert!(msg.contains("sh -c 'echo first; echo boom >&2; exit 3'"), "{msg}");
+        assert!(
+            msg.contains("sh -c 'echo first; echo boom >&2; exit 3'"),
+            "{msg}"
+        );
         assert!(msg.contains("boom"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
     }

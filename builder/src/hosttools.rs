@@ -12,6 +12,8 @@ pub enum Purpose {
     Build,
     Boot,
     Seed,
+    /// What this project's own test suite uses besides the above.
+    Test,
 }
 
 /// Something on the host: a program looked up on `PATH` (and the sbin folders), or a file.
@@ -29,22 +31,98 @@ pub struct Tool {
 }
 
 use Need::{File, Program};
-use Purpose::{Boot, Build, Seed};
+use Purpose::{Boot, Build, Seed, Test};
 
 pub const TOOLS: &[Tool] = &[
-    Tool { need: Program("mmdebstrap"), package: "mmdebstrap", purposes: &[Build] },
-    Tool { need: Program("mkfs.ext4"), package: "e2fsprogs", purposes: &[Build] },
-    Tool { need: Program("qemu-img"), package: "qemu-utils", purposes: &[Build] },
-    Tool { need: Program("qemu-system-x86_64"), package: "qemu-system-x86", purposes: &[Boot] },
-    Tool { need: File(crate::boot::OVMF_CODE), package: "ovmf", purposes: &[Boot] },
-    Tool { need: File(crate::boot::OVMF_VARS), package: "ovmf", purposes: &[Boot] },
-    Tool { need: Program("genisoimage"), package: "genisoimage", purposes: &[Seed] },
+    Tool {
+        need: Program("mmdebstrap"),
+        package: "mmdebstrap",
+        purposes: &[Build],
+    },
+    Tool {
+        need: Program("mkfs.ext4"),
+        package: "e2fsprogs",
+        purposes: &[Build],
+    },
+    Tool {
+        need: Program("qemu-img"),
+        package: "qemu-utils",
+        purposes: &[Build],
+    },
+    Tool {
+        need: Program("qemu-system-x86_64"),
+        package: "qemu-system-x86",
+        purposes: &[Boot],
+    },
+    Tool {
+        need: File(crate::boot::OVMF_CODE),
+        package: "ovmf",
+        purposes: &[Boot],
+    },
+    Tool {
+        need: File(crate::boot::OVMF_VARS),
+        package: "ovmf",
+        purposes: &[Boot],
+    },
+    Tool {
+        need: Program("genisoimage"),
+        package: "genisoimage",
+        purposes: &[Seed, Test],
+    },
+    Tool {
+        need: Program("chroot"),
+        package: "coreutils",
+        purposes: &[Build],
+    },
+    Tool {
+        need: Program("sfdisk"),
+        package: "fdisk",
+        purposes: &[Test],
+    },
+    Tool {
+        need: Program("mdir"),
+        package: "mtools",
+        purposes: &[Test],
+    },
+    Tool {
+        need: Program("mkfs.vfat"),
+        package: "dosfstools",
+        purposes: &[Test],
+    },
+    Tool {
+        need: Program("xorriso"),
+        package: "xorriso",
+        purposes: &[Test],
+    },
+    Tool {
+        need: Program("curl"),
+        package: "curl",
+        purposes: &[Test],
+    },
+    Tool {
+        need: Program("qemu-system-x86_64"),
+        package: "qemu-system-x86",
+        purposes: &[Test],
+    },
+    Tool {
+        need: File(crate::boot::OVMF_CODE),
+        package: "ovmf",
+        purposes: &[Test],
+    },
 ];
 
 /// Tools needed only when building without root (mmdebstrap's unshare mode).
 const UNPRIVILEGED: &[Tool] = &[
-    Tool { need: Program("newuidmap"), package: "uidmap", purposes: &[Build] },
-    Tool { need: Program("unshare"), package: "util-linux", purposes: &[Build] },
+    Tool {
+        need: Program("newuidmap"),
+        package: "uidmap",
+        purposes: &[Build],
+    },
+    Tool {
+        need: Program("unshare"),
+        package: "util-linux",
+        purposes: &[Build],
+    },
 ];
 
 /// Finds a program the way a root shell would: `PATH`, then the sbin folders, which a
@@ -59,7 +137,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 fn present(need: Need) -> bool {
@@ -99,7 +179,10 @@ pub fn missing_packages(purpose: Option<Purpose>) -> Vec<(&'static str, Vec<Stri
 
 fn install_line(packages: &[&str]) -> String {
     let sudo = if is_root() { "" } else { "sudo " };
-    format!("{sudo}apt-get install --no-install-recommends {}", packages.join(" "))
+    format!(
+        "{sudo}apt-get install --no-install-recommends {}",
+        packages.join(" ")
+    )
 }
 
 /// Fails, naming every missing tool and one line that installs them all.
@@ -108,8 +191,10 @@ pub fn check(purpose: Purpose) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> =
-        missing.iter().map(|(pkg, whats)| format!("{} (package {pkg})", whats.join(", "))).collect();
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(pkg, whats)| format!("{} (package {pkg})", whats.join(", ")))
+        .collect();
     let packages: Vec<&str> = missing.iter().map(|(pkg, _)| *pkg).collect();
     anyhow::bail!(
         "missing host tools: {}\n  install them with: {}\n  or run: omni-image setup --install",

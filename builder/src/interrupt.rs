@@ -38,7 +38,11 @@ pub fn interrupted() -> bool {
 
 /// Fails with [`Interrupted`] once a signal arrived; long loops call this between items.
 pub fn check() -> Result<(), Interrupted> {
-    if interrupted() { Err(Interrupted) } else { Ok(()) }
+    if interrupted() {
+        Err(Interrupted)
+    } else {
+        Ok(())
+    }
 }
 
 pub(crate) fn register_child(pid: u32) {

@@ -31,7 +31,10 @@ impl Agent {
             let attempt = (|| -> Result<Agent> {
                 let stream = UnixStream::connect(socket)?;
                 stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-                let mut agent = Agent { reader: BufReader::new(stream.try_clone()?), writer: stream };
+                let mut agent = Agent {
+                    reader: BufReader::new(stream.try_clone()?),
+                    writer: stream,
+                };
                 agent.sync()?;
                 Ok(agent)
             })();
@@ -60,7 +63,9 @@ impl Agent {
     fn send(&mut self, msg: &Value) -> Result<()> {
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).context("writing to the guest agent")?;
+        self.writer
+            .write_all(line.as_bytes())
+            .context("writing to the guest agent")?;
         Ok(())
     }
 
@@ -68,7 +73,10 @@ impl Agent {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).context("reading from the guest agent")?;
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .context("reading from the guest agent")?;
             if n == 0 {
                 bail!("the guest agent closed the connection");
             }
@@ -77,7 +85,8 @@ impl Agent {
             if text.is_empty() {
                 continue;
             }
-            return serde_json::from_str(text).with_context(|| format!("parsing agent reply `{text}`"));
+            return serde_json::from_str(text)
+                .with_context(|| format!("parsing agent reply `{text}`"));
         }
     }
 
@@ -85,7 +94,12 @@ impl Agent {
         self.send(&json!({"execute": command, "arguments": arguments}))?;
         let reply = self.read()?;
         if let Some(err) = reply.get("error") {
-            bail!("guest agent: {command} failed: {}", err.get("desc").and_then(Value::as_str).unwrap_or("unknown error"));
+            bail!(
+                "guest agent: {command} failed: {}",
+                err.get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+            );
         }
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
@@ -96,7 +110,10 @@ impl Agent {
             "guest-exec",
             json!({"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}),
         )?;
-        let pid = started.get("pid").and_then(Value::as_i64).context("guest-exec returned no pid")?;
+        let pid = started
+            .get("pid")
+            .and_then(Value::as_i64)
+            .context("guest-exec returned no pid")?;
         let deadline = Instant::now() + timeout;
         loop {
             let status = self.call("guest-exec-status", json!({"pid": pid}))?;
@@ -116,7 +133,10 @@ impl Agent {
                 });
             }
             if Instant::now() >= deadline {
-                bail!("`{script}` did not finish within {}s in the guest", timeout.as_secs());
+                bail!(
+                    "`{script}` did not finish within {}s in the guest",
+                    timeout.as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -38,7 +38,9 @@ impl FromStr for Size {
                 ));
             }
         };
-        n.checked_mul(mult).map(Size).ok_or_else(|| format!("`{s}` is too large"))
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 
@@ -94,7 +96,11 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        assert!("2X".parse::<Size>().unwrap_err().contains("not a size unit"));
+        assert!(
+            "2X".parse::<Size>()
+                .unwrap_err()
+                .contains("not a size unit")
+        );
         assert!("big".parse::<Size>().unwrap_err().contains("not a size"));
     }
 }

@@ -54,7 +54,10 @@ pub fn install(tree: &Path, agent: &Path, recipe: &Recipe, epoch: i64) -> Result
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    Ok(fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode))?)
+    Ok(fs_err::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(mode),
+    )?)
 }
 
 /// Enables the agent and the recipe's services, and disables what the recipe turns off,

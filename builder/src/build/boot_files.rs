@@ -15,16 +15,28 @@ pub fn kernel(tree: &Path) -> Result<(String, PathBuf, PathBuf)> {
     let boot = tree.join("boot");
     let mut versions: Vec<String> = fs_err::read_dir(&boot)?
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_owned))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("vmlinuz-")
+                .map(str::to_owned)
+        })
         .collect();
     versions.sort_by(|a, b| version_cmp(a, b));
     let Some(version) = versions.pop() else {
-        bail!("no kernel in {}: the recipe must install one (kernel.package)", boot.display());
+        bail!(
+            "no kernel in {}: the recipe must install one (kernel.package)",
+            boot.display()
+        );
     };
     let vmlinuz = boot.join(format!("vmlinuz-{version}"));
     let initrd = boot.join(format!("initrd.img-{version}"));
     if !initrd.is_file() {
-        bail!("{} has no initrd ({} is missing): is initramfs-tools installed?", vmlinuz.display(), initrd.display());
+        bail!(
+            "{} has no initrd ({} is missing): is initramfs-tools installed?",
+            vmlinuz.display(),
+            initrd.display()
+        );
     }
     Ok((version, vmlinuz, initrd))
 }
@@ -32,7 +44,9 @@ pub fn kernel(tree: &Path) -> Result<(String, PathBuf, PathBuf)> {
 /// Orders kernel versions by their numeric parts (6.12.10 after 6.12.9).
 fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let parts = |s: &str| -> Vec<u64> {
-        s.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok()).collect()
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse().ok())
+            .collect()
     };
     parts(a).cmp(&parts(b)).then_with(|| a.cmp(b))
 }
@@ -40,13 +54,19 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 pub fn contents(tree: &Path, name: &str, title: &str, cmdline: &str) -> Result<Contents> {
     let loader = tree.join(SYSTEMD_BOOT);
     if !loader.is_file() {
-        bail!("{} is missing: the image needs the systemd-boot-efi package", loader.display());
+        bail!(
+            "{} is missing: the image needs the systemd-boot-efi package",
+            loader.display()
+        );
     }
     let (version, vmlinuz, initrd) = kernel(tree).context("finding the kernel")?;
     let mut c = Contents::default();
     c.add_file("EFI/BOOT/BOOTX64.EFI", &loader);
     c.add_file("EFI/systemd/systemd-bootx64.efi", &loader);
-    c.add_bytes("loader/loader.conf", format!("default {name}.conf\ntimeout 0\neditor no\n"));
+    c.add_bytes(
+        "loader/loader.conf",
+        format!("default {name}.conf\ntimeout 0\neditor no\n"),
+    );
     c.add_bytes(
         &format!("loader/entries/{name}.conf"),
         format!(

@@ -15,8 +15,14 @@ use crate::exec::Cmd;
 use crate::recipe::Recipe;
 
 /// Packages every image needs for its boot chain and first boot, whatever the recipe says.
-pub const LAYOUT_PACKAGES: &[&str] =
-    &["systemd", "systemd-sysv", "udev", "systemd-boot-efi", "e2fsprogs", "initramfs-tools"];
+pub const LAYOUT_PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "systemd-boot-efi",
+    "e2fsprogs",
+    "initramfs-tools",
+];
 
 /// Documentation, manual pages and translations are left out of images.
 const DPKG_EXCLUDES: &[&str] = &[
@@ -50,7 +56,11 @@ pub fn packages(recipe: &Recipe) -> Vec<String> {
 
 /// The mmdebstrap command line for a recipe (also used by the benchmark's bare run).
 pub fn command(recipe: &Recipe, tree: &Path, apt_cache: Option<&Path>, epoch: i64) -> Cmd {
-    let mode = if crate::hosttools::is_root() { "root" } else { "unshare" };
+    let mode = if crate::hosttools::is_root() {
+        "root"
+    } else {
+        "unshare"
+    };
     let mut cmd = Cmd::new("mmdebstrap")
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .arg(format!("--mode={mode}"))
@@ -71,8 +81,14 @@ pub fn command(recipe: &Recipe, tree: &Path, apt_cache: Option<&Path>, epoch: i6
             .arg("--skip=essential/unlink")
             .arg("--skip=download/empty")
             .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives")
-            .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", cache.display()))
-            .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", cache.display()))
+            .arg(format!(
+                "--setup-hook=sync-in {} /var/cache/apt/archives/",
+                cache.display()
+            ))
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives {}",
+                cache.display()
+            ))
             .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb");
     }
     cmd.arg(&recipe.base.suite).arg(tree).arg(recipe.mirror())
@@ -94,7 +110,10 @@ fn snapshot(dir: &Path) -> Result<BTreeMap<String, (u64, SystemTime)>> {
 }
 
 pub fn apt_cache_dir(cache: &Path, recipe: &Recipe) -> PathBuf {
-    cache.join("apt").join(format!("{}-{}", recipe.base.distribution, recipe.base.suite))
+    cache.join("apt").join(format!(
+        "{}-{}",
+        recipe.base.distribution, recipe.base.suite
+    ))
 }
 
 pub fn run(recipe: &Recipe, tree: &Path, cache: &Path, epoch: i64, step: &Step) -> Result<Outcome> {
@@ -167,17 +186,27 @@ pub fn fetch_inrelease(recipe: &Recipe) -> Result<Vec<u8>> {
 /// The `Date:` field of a Release file, as text and as a Unix time.
 pub fn release_date(inrelease: &[u8]) -> Option<(String, i64)> {
     let text = String::from_utf8_lossy(inrelease);
-    let value = text.lines().find_map(|l| l.strip_prefix("Date:"))?.trim().to_owned();
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Date:"))?
+        .trim()
+        .to_owned();
     // "Sat, 15 Nov 2025 09:27:39 UTC"
     let parts: Vec<&str> = value.split_whitespace().collect();
-    let [_, day, month, year, time, ..] = parts.as_slice() else { return None };
-    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .iter()
-        .position(|m| m == month)? as i64
+    let [_, day, month, year, time, ..] = parts.as_slice() else {
+        return None;
+    };
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| m == month)? as i64
         + 1;
     let (day, year): (i64, i64) = (day.parse().ok()?, year.parse().ok()?);
     let hms: Vec<i64> = time.split(':').filter_map(|p| p.parse().ok()).collect();
-    let [h, m, s] = hms.as_slice() else { return None };
+    let [h, m, s] = hms.as_slice() else {
+        return None;
+    };
     // Days from civil date (Howard Hinnant's algorithm).
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
@@ -200,7 +229,10 @@ fn explain(err: anyhow::Error, recipe: &Recipe, phase: &str) -> anyhow::Error {
             recipe.base.distribution, recipe.base.suite
         ));
     }
-    err.context(format!("bootstrapping {} {} (while {phase})", recipe.base.distribution, recipe.base.suite))
+    err.context(format!(
+        "bootstrapping {} {} (while {phase})",
+        recipe.base.distribution, recipe.base.suite
+    ))
 }
 
 #[cfg(test)]
@@ -220,7 +252,11 @@ mod tests {
     fn layout_packages_come_first_without_repeats() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.toml");
-        std::fs::write(&path, "packages = [\"systemd\", \"sudo\"]\n[base]\nsuite = \"trixie\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "packages = [\"systemd\", \"sudo\"]\n[base]\nsuite = \"trixie\"\n",
+        )
+        .unwrap();
         let r = Recipe::load(&path).unwrap();
         let p = packages(&r);
         assert_eq!(p.iter().filter(|x| *x == "systemd").count(), 1);

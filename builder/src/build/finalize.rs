@@ -14,7 +14,10 @@ use crate::recipe::Recipe;
 pub const CONSOLE_ARGS: &[&str] = &["console=tty0", "console=ttyS0,115200"];
 
 pub fn kernel_cmdline(recipe: &Recipe, layout: &Layout) -> String {
-    let mut words = vec![format!("root=UUID={}", layout.ids.root_fs_uuid), "rw".to_owned()];
+    let mut words = vec![
+        format!("root=UUID={}", layout.ids.root_fs_uuid),
+        "rw".to_owned(),
+    ];
     words.extend(CONSOLE_ARGS.iter().map(|s| s.to_string()));
     words.extend(recipe.kernel.cmdline.iter().cloned());
     words.join(" ")
@@ -27,7 +30,11 @@ pub fn run(tree: &Path, recipe: &Recipe, layout: &Layout) -> Result<()> {
     // units that are conditioned on it (ConditionFirstBoot).
     write(tree, "etc/machine-id", "")?;
     remove(&path("var/lib/dbus/machine-id"))?;
-    for entry in fs_err::read_dir(path("etc/ssh")).into_iter().flatten().flatten() {
+    for entry in fs_err::read_dir(path("etc/ssh"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name();
         if name.to_string_lossy().starts_with("ssh_host_") {
             fs_err::remove_file(entry.path())?;
@@ -47,17 +54,40 @@ pub fn run(tree: &Path, recipe: &Recipe, layout: &Layout) -> Result<()> {
     )?;
     remove(&path("etc/resolv.conf"))?;
     if path("usr/lib/systemd/systemd-resolved").exists() {
-        std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", path("etc/resolv.conf"))
-            .context("linking /etc/resolv.conf to systemd-resolved")?;
+        std::os::unix::fs::symlink(
+            "../run/systemd/resolve/stub-resolv.conf",
+            path("etc/resolv.conf"),
+        )
+        .context("linking /etc/resolv.conf to systemd-resolved")?;
     } else {
         write(tree, "etc/resolv.conf", "")?;
     }
 
     // No package lists, caches or logs.
-    for dir in ["var/lib/apt/lists", "var/cache/apt", "var/log", "tmp", "var/tmp"] {
-        empty_files_below(&path(dir), dir == "var/lib/apt/lists" || dir == "tmp" || dir == "var/tmp")?;
+    for dir in [
+        "var/lib/apt/lists",
+        "var/cache/apt",
+        "var/log",
+        "tmp",
+        "var/tmp",
+    ] {
+        empty_files_below(
+            &path(dir),
+            dir == "var/lib/apt/lists" || dir == "tmp" || dir == "var/tmp",
+        )?;
     }
-    for old in ["var/lib/dpkg/status-old", "var/lib/dpkg/diversions-old", "var/cache/debconf/config.dat-old", "var/cache/debconf/templates.dat-old", "etc/passwd-", "etc/group-", "etc/shadow-", "etc/gshadow-", "etc/subuid-", "etc/subgid-"] {
+    for old in [
+        "var/lib/dpkg/status-old",
+        "var/lib/dpkg/diversions-old",
+        "var/cache/debconf/config.dat-old",
+        "var/cache/debconf/templates.dat-old",
+        "etc/passwd-",
+        "etc/group-",
+        "etc/shadow-",
+        "etc/gshadow-",
+        "etc/subuid-",
+        "etc/subgid-",
+    ] {
         remove(&path(old))?;
     }
 
@@ -75,10 +105,18 @@ pub fn run(tree: &Path, recipe: &Recipe, layout: &Layout) -> Result<()> {
         ),
     )?;
     fs_err::create_dir_all(path("boot/efi"))?;
-    write(tree, "usr/lib/repart.d/50-root.conf", "[Partition]\nType=root\n")?;
+    write(
+        tree,
+        "usr/lib/repart.d/50-root.conf",
+        "[Partition]\nType=root\n",
+    )?;
 
     // The kernel command line, also for tools that read it from the tree.
-    write(tree, "etc/kernel/cmdline", &format!("{}\n", kernel_cmdline(recipe, layout)))?;
+    write(
+        tree,
+        "etc/kernel/cmdline",
+        &format!("{}\n", kernel_cmdline(recipe, layout)),
+    )?;
     Ok(())
 }
 

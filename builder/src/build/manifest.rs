@@ -73,15 +73,26 @@ fn parse_status(status: &str) -> Vec<Package> {
     let mut out = Vec::new();
     for stanza in status.split("\n\n") {
         let field = |name: &str| {
-            stanza.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(|v| v.trim().to_owned())
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                .map(|v| v.trim().to_owned())
         };
         let installed = field("Status").is_some_and(|s| s.ends_with(" installed"));
         if let (true, Some(name), Some(version)) = (installed, field("Package"), field("Version")) {
             let architecture = field("Architecture").unwrap_or_default();
-            out.push(Package { name, version, architecture });
+            out.push(Package {
+                name,
+                version,
+                architecture,
+            });
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name).then(a.architecture.cmp(&b.architecture)));
+    out.sort_by(|a, b| {
+        a.name
+            .cmp(&b.name)
+            .then(a.architecture.cmp(&b.architecture))
+    });
     out
 }
 
@@ -97,6 +108,13 @@ mod tests {
         let pkgs = parse_status(status);
         assert_eq!(pkgs.len(), 2);
         assert_eq!(pkgs[0].name, "base-files");
-        assert_eq!(pkgs[1], Package { name: "libc6".into(), version: "2.41-12".into(), architecture: "amd64".into() });
+        assert_eq!(
+            pkgs[1],
+            Package {
+                name: "libc6".into(),
+                version: "2.41-12".into(),
+                architecture: "amd64".into()
+            }
+        );
     }
 }

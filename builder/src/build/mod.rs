@@ -52,13 +52,18 @@ pub struct BuildArgs {
     /// Keep the scratch tree after the build (for debugging).
     #[arg(long)]
     pub keep_work: bool,
+    /// Install missing host packages with apt-get first (as root), for every command.
+    #[arg(long)]
+    pub install_tools: bool,
 }
 
 pub fn default_cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("omni-image");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/var/cache".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache".into());
     home.join(".cache/omni-image")
 }
 
@@ -73,13 +78,23 @@ pub struct Built {
 
 pub fn run(args: &BuildArgs) -> Result<()> {
     let built = build(args).map_err(explain_disk_full)?;
-    for p in [built.qcow2.as_ref(), built.raw.as_ref(), Some(&built.manifest)].into_iter().flatten() {
+    for p in [
+        built.qcow2.as_ref(),
+        built.raw.as_ref(),
+        Some(&built.manifest),
+    ]
+    .into_iter()
+    .flatten()
+    {
         println!("{}", p.display());
     }
     Ok(())
 }
 
 pub fn build(args: &BuildArgs) -> Result<Built> {
+    if args.install_tools {
+        crate::hosttools::setup(None, true)?;
+    }
     crate::hosttools::check(crate::hosttools::Purpose::Build)?;
     crate::interrupt::install();
     if !crate::hosttools::is_root() {
@@ -93,7 +108,10 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     ensure_writable(&args.output)?;
     let cache = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     fs_err::create_dir_all(&cache).with_context(|| {
-        format!("--cache-dir: cannot create {}; choose another folder", cache.display())
+        format!(
+            "--cache-dir: cannot create {}; choose another folder",
+            cache.display()
+        )
     })?;
 
     let work_parent = args.work_dir.as_deref().unwrap_or(&args.output);
@@ -106,12 +124,28 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
 
     let inrelease = bootstrap::fetch_inrelease(&recipe)?;
     let release = bootstrap::release_date(&inrelease);
-    let epoch = match std::env::var("SOURCE_DATE_EPOCH").ok().filter(|v| !v.is_empty()) {
-        Some(v) => v.parse().with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number"))?,
-        None => release.as_ref().map(|r| r.1).context("the suite's InRelease has no Date")?,
+    let epoch = match std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number"))?,
+        None => release
+            .as_ref()
+            .map(|r| r.1)
+            .context("the suite's InRelease has no Date")?,
     };
 
-    let step = steps.start("bootstrap", &format!("{} {} from {}", recipe.base.distribution, recipe.base.suite, recipe.mirror()));
+    let step = steps.start(
+        "bootstrap",
+        &format!(
+            "{} {} from {}",
+            recipe.base.distribution,
+            recipe.base.suite,
+            recipe.mirror()
+        ),
+    );
     let outcome = bootstrap::run(&recipe, &tree, &cache, epoch, &step)?;
     step.done(&format!(
         "{} packages downloaded, {} from the cache",
@@ -121,26 +155,48 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     crate::interrupt::check()?;
 
     let step = steps.start("overlays", &format!("{} overlays", recipe.overlays.len()));
-    let applied = overlay::apply(&tree, &recipe.overlays, &crate::recipe::template_context(&recipe), epoch)?;
-    step.done(&format!("{} files, {} rendered from templates", applied.files, applied.rendered));
+    let applied = overlay::apply(
+        &tree,
+        &recipe.overlays,
+        &crate::recipe::template_context(&recipe),
+        epoch,
+    )?;
+    step.done(&format!(
+        "{} files, {} rendered from templates",
+        applied.files, applied.rendered
+    ));
     crate::interrupt::check()?;
 
-    let step = steps.start("firstboot", "installing omni-firstboot and enabling services");
+    let step = steps.start(
+        "firstboot",
+        "installing omni-firstboot and enabling services",
+    );
     agent::install(&tree, &agent_bin, &recipe, epoch)?;
     agent::services(&tree, &recipe)?;
     step.done(&format!("agent from {}", agent_bin.display()));
     crate::interrupt::check()?;
 
-    let layout = Layout::new(recipe.disk.size.bytes(), recipe.disk.esp_size.bytes(), Ids::derive(&recipe_hash))?;
+    let layout = Layout::new(
+        recipe.disk.size.bytes(),
+        recipe.disk.esp_size.bytes(),
+        Ids::derive(&recipe_hash),
+    )?;
     let step = steps.start("finalize", "making the tree clone-ready");
     finalize::run(&tree, &recipe, &layout)?;
     let packages = manifest::installed_packages(&tree)?;
     step.done(&format!("{} packages installed", packages.len()));
     crate::interrupt::check()?;
 
-    let step = steps.start("disk", &format!("GPT, ESP and ext4 in a {} disk", recipe.disk.size));
+    let step = steps.start(
+        "disk",
+        &format!("GPT, ESP and ext4 in a {} disk", recipe.disk.size),
+    );
     let cmdline = finalize::kernel_cmdline(&recipe, &layout);
-    let title = if recipe.description.is_empty() { recipe.name.clone() } else { recipe.description.clone() };
+    let title = if recipe.description.is_empty() {
+        recipe.name.clone()
+    } else {
+        recipe.description.clone()
+    };
     let esp = boot_files::contents(&tree, &recipe.name, &title, &cmdline)?;
     let kernel = boot_files::kernel(&tree)?.0;
     let tree_bytes = disk::ext4::estimate(&tree)?;
@@ -149,7 +205,11 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     let raw_path = scratch.path().join("disk.raw");
     disk::assemble(&raw_path, &layout, &esp, &tree, epoch)?;
     let raw_allocated = allocated(&raw_path)?;
-    step.done(&format!("{} allocated of {}", human(raw_allocated), human(layout.disk_size)));
+    step.done(&format!(
+        "{} allocated of {}",
+        human(raw_allocated),
+        human(layout.disk_size)
+    ));
     crate::interrupt::check()?;
 
     let step = steps.start("output", "writing qcow2, checksum and manifest");
@@ -165,12 +225,20 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         if recipe.output.compress {
             cmd = cmd.args(["-c", "-o", "compression_type=zstd"]);
         }
-        cmd.arg(&raw_path).arg(pending.tmp()).output().context("converting the disk to qcow2")?;
+        cmd.arg(&raw_path)
+            .arg(pending.tmp())
+            .output()
+            .context("converting the disk to qcow2")?;
         let (sha, bytes) = sha256_file(pending.tmp())?;
         qcow2_bytes = Some(bytes);
         let sums = Pending::new(args.output.join(format!("{}.qcow2.sha256", recipe.name)));
         fs_err::write(sums.tmp(), format!("{sha}  {}.qcow2\n", recipe.name))?;
-        outputs.push(manifest::OutputFile { format: "qcow2".into(), file: file_name(&dest), sha256: sha, bytes });
+        outputs.push(manifest::OutputFile {
+            format: "qcow2".into(),
+            file: file_name(&dest),
+            sha256: sha,
+            bytes,
+        });
         qcow2_final = Some(dest);
         pendings.push(pending);
         pendings.push(sums);
@@ -179,11 +247,19 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     if recipe.output.formats.contains(&Format::Raw) {
         let (sha, bytes) = sha256_file(&raw_path)?;
         fs_err::rename(&raw_path, raw_pending.tmp())?;
-        outputs.push(manifest::OutputFile { format: "raw".into(), file: file_name(raw_pending.dest()), sha256: sha, bytes });
+        outputs.push(manifest::OutputFile {
+            format: "raw".into(),
+            file: file_name(raw_pending.dest()),
+            sha256: sha,
+            bytes,
+        });
         raw_final = Some(raw_pending.dest().to_path_buf());
         pendings.push(raw_pending);
     }
-    step.done(&format!("{} qcow2", qcow2_bytes.map(human).unwrap_or_else(|| "no".into())));
+    step.done(&format!(
+        "{} qcow2",
+        qcow2_bytes.map(human).unwrap_or_else(|| "no".into())
+    ));
 
     // The manifest is written last, with every step's time, and published last: its presence
     // says the outputs beside it are complete.
@@ -193,7 +269,11 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         builder: format!("omni-image {}", env!("CARGO_PKG_VERSION")),
         recipe: &recipe,
         recipe_hash: recipe_hash.clone(),
-        recipe_files: recipe.files.iter().map(|p| p.display().to_string()).collect(),
+        recipe_files: recipe
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
         source_date_epoch: epoch,
         archive: manifest::Archive {
             mirror: recipe.mirror().to_owned(),
@@ -231,20 +311,33 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         steps.total().as_secs_f64(),
         outcome.downloaded.len()
     );
-    Ok(Built { qcow2: qcow2_final, raw: raw_final, manifest: man_path, downloaded: outcome.downloaded.len() })
+    Ok(Built {
+        qcow2: qcow2_final,
+        raw: raw_final,
+        manifest: man_path,
+        downloaded: outcome.downloaded.len(),
+    })
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Fails early, naming the flag, when the output folder cannot be written.
 fn ensure_writable(dir: &Path) -> Result<()> {
     fs_err::create_dir_all(dir).with_context(|| {
-        format!("--output: cannot create {}; choose another folder with --output", dir.display())
+        format!(
+            "--output: cannot create {}; choose another folder with --output",
+            dir.display()
+        )
     })?;
     tempfile::tempfile_in(dir).with_context(|| {
-        format!("--output: {} is not writable; choose another folder with --output", dir.display())
+        format!(
+            "--output: {} is not writable; choose another folder with --output",
+            dir.display()
+        )
     })?;
     Ok(())
 }
@@ -262,7 +355,9 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
     let mut total = 0u64;
     loop {
         crate::interrupt::check()?;
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -276,7 +371,8 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
 /// folders to free or move.
 fn explain_disk_full(err: anyhow::Error) -> anyhow::Error {
     let full = err.chain().any(|e| {
-        e.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
             || e.to_string().contains("No space left on device")
     });
     if full {

@@ -50,11 +50,16 @@ fn apply_one(
     epoch: i64,
     applied: &mut Applied,
 ) -> Result<()> {
-    let walk = walkdir::WalkDir::new(&overlay.path).min_depth(1).sort_by_file_name();
+    let walk = walkdir::WalkDir::new(&overlay.path)
+        .min_depth(1)
+        .sort_by_file_name();
     for entry in walk {
         crate::interrupt::check()?;
         let entry = entry?;
-        let rel = entry.path().strip_prefix(&overlay.path).expect("walk stays below its root");
+        let rel = entry
+            .path()
+            .strip_prefix(&overlay.path)
+            .expect("walk stays below its root");
         let meta = entry.path().symlink_metadata()?;
         let mut rel = rel.to_path_buf();
         let template = meta.is_file() && rel.extension().is_some_and(|e| e == "tera");
@@ -94,7 +99,10 @@ fn apply_one(
             set_mtime(&dest, epoch)?;
             applied.files += 1;
         } else {
-            bail!("{} is neither a file, a folder nor a link", entry.path().display());
+            bail!(
+                "{} is neither a file, a folder nor a link",
+                entry.path().display()
+            );
         }
     }
     Ok(())
@@ -113,7 +121,10 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 fn remove_existing(dest: &Path) -> Result<()> {
     match dest.symlink_metadata() {
-        Ok(m) if m.is_dir() => bail!("{} is a folder in the tree; the overlay has a file there", dest.display()),
+        Ok(m) if m.is_dir() => bail!(
+            "{} is a folder in the tree; the overlay has a file there",
+            dest.display()
+        ),
         Ok(_) => Ok(fs_err::remove_file(dest)?),
         Err(_) => Ok(()),
     }
@@ -122,7 +133,8 @@ fn remove_existing(dest: &Path) -> Result<()> {
 pub fn set_mtime(path: &Path, epoch: i64) -> Result<()> {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(epoch.max(0) as u64);
     let f = fs_err::File::options().write(true).open(path)?;
-    f.set_modified(t).with_context(|| format!("setting the time of {}", path.display()))?;
+    f.set_modified(t)
+        .with_context(|| format!("setting the time of {}", path.display()))?;
     Ok(())
 }
 
@@ -138,7 +150,10 @@ pub fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf> {
             Component::ParentDir => pending.push("..".into()),
             Component::CurDir => {}
             Component::RootDir | Component::Prefix(_) => {
-                bail!("{} is absolute: overlay paths are relative to the root", rel.display())
+                bail!(
+                    "{} is absolute: overlay paths are relative to the root",
+                    rel.display()
+                )
             }
         }
     }
@@ -177,7 +192,9 @@ pub fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf> {
             _ => resolved.push(part),
         }
     }
-    Ok(std::iter::once(root.as_os_str().to_owned()).chain(resolved).collect())
+    Ok(std::iter::once(root.as_os_str().to_owned())
+        .chain(resolved)
+        .collect())
 }
 
 #[cfg(test)]
@@ -186,7 +203,10 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, symlink};
 
     fn overlay(path: &Path) -> Overlay {
-        Overlay { name: path.display().to_string(), path: path.to_path_buf() }
+        Overlay {
+            name: path.display().to_string(),
+            path: path.to_path_buf(),
+        }
     }
 
     fn vars() -> BTreeMap<String, serde_json::Value> {
@@ -203,21 +223,41 @@ mod tests {
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::create_dir_all(ov.join("etc/app")).unwrap();
         std::fs::create_dir_all(ov.join("usr/local/bin")).unwrap();
-        std::fs::write(ov.join("etc/app/app.conf.tera"), "host={{ hostname }}:{{ port }}\n").unwrap();
+        std::fs::write(
+            ov.join("etc/app/app.conf.tera"),
+            "host={{ hostname }}:{{ port }}\n",
+        )
+        .unwrap();
         std::fs::write(ov.join("usr/local/bin/tool"), "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(ov.join("usr/local/bin/tool"), PermissionsExt::from_mode(0o750)).unwrap();
+        std::fs::set_permissions(
+            ov.join("usr/local/bin/tool"),
+            PermissionsExt::from_mode(0o750),
+        )
+        .unwrap();
         std::fs::write(ov.join("etc/secret"), "x").unwrap();
         std::fs::set_permissions(ov.join("etc/secret"), PermissionsExt::from_mode(0o600)).unwrap();
         symlink("/usr/local/bin/tool", ov.join("etc/tool-link")).unwrap();
 
         let done = apply(&tree, &[overlay(&ov)], &vars(), 1_700_000_000).unwrap();
         assert_eq!(done.rendered, 1);
-        assert_eq!(std::fs::read_to_string(tree.join("etc/app/app.conf")).unwrap(), "host=tsidp:443\n");
+        assert_eq!(
+            std::fs::read_to_string(tree.join("etc/app/app.conf")).unwrap(),
+            "host=tsidp:443\n"
+        );
         assert!(!tree.join("etc/app/app.conf.tera").exists());
-        let mode = |p: &str| std::fs::metadata(tree.join(p)).unwrap().permissions().mode() & 0o7777;
+        let mode = |p: &str| {
+            std::fs::metadata(tree.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
         assert_eq!(mode("usr/local/bin/tool"), 0o750);
         assert_eq!(mode("etc/secret"), 0o600);
-        assert_eq!(std::fs::read_link(tree.join("etc/tool-link")).unwrap(), Path::new("/usr/local/bin/tool"));
+        assert_eq!(
+            std::fs::read_link(tree.join("etc/tool-link")).unwrap(),
+            Path::new("/usr/local/bin/tool")
+        );
         let mtime = std::fs::metadata(tree.join("etc/secret")).unwrap().mtime();
         assert_eq!(mtime, 1_700_000_000);
     }
@@ -225,7 +265,11 @@ mod tests {
     #[test]
     fn later_overlays_win() {
         let t = tempfile::tempdir().unwrap();
-        let (tree, a, b) = (t.path().join("tree"), t.path().join("a"), t.path().join("b"));
+        let (tree, a, b) = (
+            t.path().join("tree"),
+            t.path().join("a"),
+            t.path().join("b"),
+        );
         for d in [&tree, &a, &b] {
             std::fs::create_dir_all(d).unwrap();
         }
@@ -238,14 +282,21 @@ mod tests {
     #[test]
     fn a_link_in_the_tree_cannot_lead_outside() {
         let t = tempfile::tempdir().unwrap();
-        let (tree, ov, outside) = (t.path().join("tree"), t.path().join("ov"), t.path().join("outside"));
+        let (tree, ov, outside) = (
+            t.path().join("tree"),
+            t.path().join("ov"),
+            t.path().join("outside"),
+        );
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::create_dir_all(tree.join("var")).unwrap();
         std::fs::create_dir_all(ov.join("var/run")).unwrap();
         std::fs::write(ov.join("var/run/pid"), "1").unwrap();
         // A relative link that climbs out of the tree.
         symlink("../../outside", tree.join("var/run")).unwrap();
-        let err = format!("{:#}", apply(&tree, &[overlay(&ov)], &vars(), 0).unwrap_err());
+        let err = format!(
+            "{:#}",
+            apply(&tree, &[overlay(&ov)], &vars(), 0).unwrap_err()
+        );
         assert!(err.contains("outside the image's root"), "{err}");
         assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
     }
@@ -268,7 +319,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         assert!(resolve_in_root(t.path(), Path::new("../etc/passwd")).is_err());
         assert!(resolve_in_root(t.path(), Path::new("a/../../b")).is_err());
-        assert_eq!(resolve_in_root(t.path(), Path::new("a/../b")).unwrap(), t.path().join("b"));
+        assert_eq!(
+            resolve_in_root(t.path(), Path::new("a/../b")).unwrap(),
+            t.path().join("b")
+        );
     }
 
     #[test]
@@ -278,7 +332,10 @@ mod tests {
         std::fs::create_dir_all(&tree).unwrap();
         std::fs::create_dir_all(&ov).unwrap();
         std::fs::write(ov.join("x.conf.tera"), "{{ missing_var }}").unwrap();
-        let err = format!("{:#}", apply(&tree, &[overlay(&ov)], &vars(), 0).unwrap_err());
+        let err = format!(
+            "{:#}",
+            apply(&tree, &[overlay(&ov)], &vars(), 0).unwrap_err()
+        );
         assert!(err.contains("x.conf.tera"), "{err}");
         assert!(err.contains("missing_var"), "{err}");
         assert!(!tree.join("x.conf").exists());

@@ -21,7 +21,10 @@ impl Scratch {
             .prefix(prefix)
             .tempdir_in(parent)
             .with_context(|| format!("creating a scratch folder in {}", parent.display()))?;
-        Ok(Scratch { path: dir.keep(), keep: false })
+        Ok(Scratch {
+            path: dir.keep(),
+            keep: false,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -42,7 +45,10 @@ impl Drop for Scratch {
         }
         let mounts = mounts_below(&self.path);
         for m in mounts.iter().rev() {
-            let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
         }
         if !mounts_below(&self.path).is_empty() {
             eprintln!(
@@ -61,8 +67,12 @@ impl Drop for Scratch {
 
 /// Mount points at or below `dir`, outermost first, from `/proc/self/mountinfo`.
 fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let Ok(dir) = dir.canonicalize() else { return Vec::new() };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(|p| PathBuf::from(p.replace("\\040", " ")))
@@ -81,9 +91,16 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(dest: PathBuf) -> Pending {
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dest.with_file_name(format!(".{name}.partial"));
-        Pending { tmp, dest, done: false }
+        Pending {
+            tmp,
+            dest,
+            done: false,
+        }
     }
 
     pub fn tmp(&self) -> &Path {

@@ -29,7 +29,10 @@ pub struct Step<'a> {
 
 impl Steps {
     pub fn new() -> Self {
-        Steps { timings: Vec::new(), started: Some(Instant::now()) }
+        Steps {
+            timings: Vec::new(),
+            started: Some(Instant::now()),
+        }
     }
 
     pub fn start(&mut self, name: &'static str, what: &str) -> Step<'_> {
@@ -47,7 +50,12 @@ impl Steps {
         if bar.is_none() {
             tracing::info!("==> {name}: {what}");
         }
-        Step { steps: self, name, start: Instant::now(), bar }
+        Step {
+            steps: self,
+            name,
+            start: Instant::now(),
+            bar,
+        }
     }
 
     pub fn total(&self) -> Duration {
@@ -78,7 +86,10 @@ impl Step<'_> {
             Some(bar) => bar.finish_with_message(format!("{summary} ({secs:.1}s)")),
             None => tracing::info!("    {line}"),
         }
-        self.steps.timings.push(Timing { step: self.name.to_owned(), seconds: round(secs) });
+        self.steps.timings.push(Timing {
+            step: self.name.to_owned(),
+            seconds: round(secs),
+        });
     }
 }
 

@@ -27,11 +27,13 @@ pub enum Source {
 
 impl Contents {
     pub fn add_file(&mut self, path: &str, from: impl Into<PathBuf>) {
-        self.files.push((path.to_owned(), Source::Host(from.into())));
+        self.files
+            .push((path.to_owned(), Source::Host(from.into())));
     }
 
     pub fn add_bytes(&mut self, path: &str, bytes: impl Into<Vec<u8>>) {
-        self.files.push((path.to_owned(), Source::Bytes(bytes.into())));
+        self.files
+            .push((path.to_owned(), Source::Bytes(bytes.into())));
     }
 
     /// Bytes the files take, before FAT's cluster rounding.
@@ -74,7 +76,11 @@ pub fn fat_datetime(epoch: i64) -> fatfs::DateTime {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     fatfs::DateTime {
-        date: fatfs::Date { year: year as u16, month: month as u16, day: day as u16 },
+        date: fatfs::Date {
+            year: year as u16,
+            month: month as u16,
+            day: day as u16,
+        },
         time: fatfs::Time {
             hour: (rem / 3600) as u16,
             min: (rem % 3600 / 60) as u16,
@@ -95,15 +101,21 @@ pub fn write(raw: &Path, layout: &Layout, contents: &Contents, epoch: i64) -> Re
             (needed + 8 * MIB).div_ceil(MIB)
         );
     }
-    let file = fs_err::OpenOptions::new().read(true).write(true).open(raw)?.into_parts().0;
+    let file = fs_err::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(raw)?
+        .into_parts()
+        .0;
     let end = layout.esp_start + layout.esp_size;
     let mut slice = StreamSlice::new(file, layout.esp_start, end).context("slicing the ESP")?;
-    let mut opts = FormatVolumeOptions::new()
-        .volume_id(layout.ids.esp_volume_id)
-        .volume_label(*LABEL);
-    if layout.esp_size >= 64 * MIB {
-        opts = opts.fat_type(FatType::Fat32);
+    if layout.esp_size < 64 * MIB {
+        anyhow::bail!("disk.esp-size must be at least 64M for a FAT32 ESP");
     }
+    let opts = FormatVolumeOptions::new()
+        .volume_id(layout.ids.esp_volume_id)
+        .volume_label(*LABEL)
+        .fat_type(FatType::Fat32);
     fatfs::format_volume(&mut slice, opts).context("formatting FAT")?;
 
     let clock: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_datetime(epoch))));
@@ -120,10 +132,14 @@ pub fn write(raw: &Path, layout: &Layout, contents: &Contents, epoch: i64) -> Re
             for part in dir_path.split('/').filter(|p| !p.is_empty()) {
                 dir = match dir.open_dir(part) {
                     Ok(d) => d,
-                    Err(_) => dir.create_dir(part).with_context(|| format!("creating {part}"))?,
+                    Err(_) => dir
+                        .create_dir(part)
+                        .with_context(|| format!("creating {part}"))?,
                 };
             }
-            let mut out = dir.create_file(name).with_context(|| format!("creating {path}"))?;
+            let mut out = dir
+                .create_file(name)
+                .with_context(|| format!("creating {path}"))?;
             out.truncate()?;
             match source {
                 Source::Bytes(b) => out.write_all(b),
@@ -137,6 +153,15 @@ pub fn write(raw: &Path, layout: &Layout, contents: &Contents, epoch: i64) -> Re
         }
     }
     fs.unmount().context("closing the FAT filesystem")?;
+
+    let file = fs_err::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(raw)?
+        .into_parts()
+        .0;
+    let slice = StreamSlice::new(file, layout.esp_start, end).context("slicing the ESP")?;
+    super::fat_fixup::repair(slice).context("repairing folder entries")?;
     Ok(())
 }
 
@@ -145,7 +170,10 @@ pub fn read_file(raw: &Path, layout_start: u64, layout_size: u64, path: &str) ->
     let file = fs_err::File::open(raw)?.into_parts().0;
     let slice = StreamSlice::new(ReadOnly(file), layout_start, layout_start + layout_size)?;
     let fs = FileSystem::new(slice, FsOptions::new())?;
-    let mut f = fs.root_dir().open_file(path).with_context(|| format!("opening {path} on the ESP"))?;
+    let mut f = fs
+        .root_dir()
+        .open_file(path)
+        .with_context(|| format!("opening {path} on the ESP"))?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
     Ok(buf)
@@ -192,7 +220,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("disk.raw");
         let layout = Layout::new(512 * MIB, 128 * MIB, Ids::derive("esp-test")).unwrap();
-        std::fs::File::create(&raw).unwrap().set_len(layout.disk_size).unwrap();
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(layout.disk_size)
+            .unwrap();
         let kernel = dir.path().join("vmlinuz");
         std::fs::write(&kernel, vec![7u8; 3 * 1024 * 1024]).unwrap();
         let mut c = Contents::default();
@@ -208,7 +239,12 @@ mod tests {
         assert_eq!(read("vmlinuz").len(), 3 * 1024 * 1024);
 
         let fs_file = std::fs::File::open(&raw).unwrap();
-        let slice = StreamSlice::new(ReadOnly(fs_file), layout.esp_start, layout.esp_start + layout.esp_size).unwrap();
+        let slice = StreamSlice::new(
+            ReadOnly(fs_file),
+            layout.esp_start,
+            layout.esp_start + layout.esp_size,
+        )
+        .unwrap();
         let fs = FileSystem::new(slice, FsOptions::new()).unwrap();
         assert_eq!(fs.fat_type(), FatType::Fat32);
         assert_eq!(fs.volume_id(), layout.ids.esp_volume_id);
@@ -217,9 +253,16 @@ mod tests {
         if let Some(fsck) = crate::hosttools::find_program("fsck.vfat") {
             let part = dir.path().join("esp.img");
             let bytes = std::fs::read(&raw).unwrap();
-            let (s, e) = (layout.esp_start as usize, (layout.esp_start + layout.esp_size) as usize);
+            let (s, e) = (
+                layout.esp_start as usize,
+                (layout.esp_start + layout.esp_size) as usize,
+            );
             std::fs::write(&part, &bytes[s..e]).unwrap();
-            let out = std::process::Command::new(fsck).arg("-n").arg(&part).output().unwrap();
+            let out = std::process::Command::new(fsck)
+                .arg("-n")
+                .arg(&part)
+                .output()
+                .unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success(), "fsck.vfat -n failed:\n{text}");
         }
@@ -229,10 +272,13 @@ mod tests {
     fn too_small_esp_says_how_large_it_must_be() {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("disk.raw");
-        let layout = Layout::new(512 * MIB, 40 * MIB, Ids::derive("small")).unwrap();
-        std::fs::File::create(&raw).unwrap().set_len(layout.disk_size).unwrap();
+        let layout = Layout::new(512 * MIB, 64 * MIB, Ids::derive("small")).unwrap();
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(layout.disk_size)
+            .unwrap();
         let mut c = Contents::default();
-        c.add_bytes("big", vec![0u8; 39 * MIB as usize]);
+        c.add_bytes("big", vec![0u8; 63 * MIB as usize]);
         let err = format!("{:#}", write(&raw, &layout, &c, 0).unwrap_err());
         assert!(err.contains("set disk.esp-size to at least"), "{err}");
     }

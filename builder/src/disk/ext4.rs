@@ -57,7 +57,10 @@ pub fn write(raw: &Path, layout: &Layout, tree: &Path, epoch: i64) -> Result<()>
         .arg("-U")
         .arg(ids.root_fs_uuid.to_string())
         .arg("-E")
-        .arg(format!("offset={},hash_seed={},root_owner=0:0", layout.root_start, ids.root_hash_seed))
+        .arg(format!(
+            "offset={},hash_seed={},root_owner=0:0",
+            layout.root_start, ids.root_hash_seed
+        ))
         .arg("-d")
         .arg(tree)
         .arg(raw)

@@ -3,6 +3,7 @@
 
 pub mod esp;
 pub mod ext4;
+mod fat_fixup;
 pub mod gpt;
 
 use std::path::Path;
@@ -69,24 +70,42 @@ impl Layout {
         let esp_size = esp_size.div_ceil(ALIGN) * ALIGN;
         let root_start = esp_start + esp_size;
         // The backup GPT takes the last 33 sectors: keep the final MiB free of partitions.
-        let root_end = disk_size.checked_sub(ALIGN).context("disk smaller than 1 MiB")?;
+        let root_end = disk_size
+            .checked_sub(ALIGN)
+            .context("disk smaller than 1 MiB")?;
         let root_size = root_end
             .checked_sub(root_start)
             .filter(|s| *s > 0)
             .context("disk too small to hold an ESP and a root partition")?;
-        Ok(Layout { disk_size, esp_start, esp_size, root_start, root_size, ids })
+        Ok(Layout {
+            disk_size,
+            esp_start,
+            esp_size,
+            root_start,
+            root_size,
+            ids,
+        })
     }
 }
 
 /// Writes the partition table, the ESP and the root filesystem into `raw`.
-pub fn assemble(raw: &Path, layout: &Layout, esp: &esp::Contents, tree: &Path, epoch: i64) -> Result<()> {
+pub fn assemble(
+    raw: &Path,
+    layout: &Layout,
+    esp: &esp::Contents,
+    tree: &Path,
+    epoch: i64,
+) -> Result<()> {
     let file = fs_err::File::create(raw)?;
-    file.set_len(layout.disk_size).with_context(|| format!("sizing {}", raw.display()))?;
+    file.set_len(layout.disk_size)
+        .with_context(|| format!("sizing {}", raw.display()))?;
     drop(file);
 
-    gpt::write(raw, layout).with_context(|| format!("writing the partition table of {}", raw.display()))?;
+    gpt::write(raw, layout)
+        .with_context(|| format!("writing the partition table of {}", raw.display()))?;
     crate::interrupt::check()?;
-    esp::write(raw, layout, esp, epoch).with_context(|| format!("writing the ESP in {}", raw.display()))?;
+    esp::write(raw, layout, esp, epoch)
+        .with_context(|| format!("writing the ESP in {}", raw.display()))?;
     crate::interrupt::check()?;
     ext4::write(raw, layout, tree, epoch)?;
     Ok(())

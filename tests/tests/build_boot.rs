@@ -1,0 +1,132 @@
+//! Builds the shipped appliances from the real Debian archive and boots them in QEMU.
+//! Slow: each build takes one to two minutes and each boot about a minute under TCG.
+
+use std::path::Path;
+use std::process::Command;
+
+use omni_image_tests::images::{built_image, heavy_lock, omni_image, stderr, stdout};
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running a host tool");
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks the disk with tools that share no code with the builder: qemu-img, sfdisk,
+/// mtools and e2fsck.
+fn check_disk(qcow2: &Path) {
+    run(Command::new("qemu-img").arg("check").arg(qcow2));
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("disk.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(qcow2).arg(&raw));
+
+    let table: serde_json::Value =
+        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
+    let parts = table["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(table["partitiontable"]["label"], "gpt");
+    assert_eq!(parts.len(), 2, "{table}");
+    assert_eq!(parts[0]["type"], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+    assert_eq!(parts[1]["type"], "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709");
+    let esp_offset = parts[0]["start"].as_u64().unwrap() * 512;
+    let image = format!("{}@@{esp_offset}", raw.display());
+
+    let listing = run(Command::new("mdir").args(["-i", &image, "-b", "::/EFI/BOOT"]));
+    assert!(listing.to_uppercase().contains("BOOTX64.EFI"), "{listing}");
+    let entries = run(Command::new("mdir").args(["-i", &image, "-b", "::/loader/entries"]));
+    assert!(entries.contains(".conf"), "{entries}");
+
+    // The root filesystem, cut out of the disk, is clean ext4.
+    let root = tmp.path().join("root.img");
+    let (start, size) = (parts[1]["start"].as_u64().unwrap(), parts[1]["size"].as_u64().unwrap());
+    run(Command::new("dd")
+        .arg(format!("if={}", raw.display()))
+        .arg(format!("of={}", root.display()))
+        .args(["bs=512", &format!("skip={start}"), &format!("count={size}"), "conv=sparse", "status=none"]));
+    run(Command::new("e2fsck").args(["-fn"]).arg(&root));
+}
+
+#[test]
+fn tsidp_builds_boots_and_rebuilds_from_the_cache() {
+    let built = built_image("recipes/tsidp.toml");
+    check_disk(&built.qcow2);
+    let sha_file = built.qcow2.with_extension("qcow2.sha256");
+    let sums = fs_err::read_to_string(&sha_file).unwrap();
+    assert!(sums.ends_with("  tsidp.qcow2\n"), "{sums}");
+    assert_eq!(built.manifest["outputs"][0]["sha256"].as_str().unwrap(), &sums[..64]);
+    let pkgs = built.manifest["packages"].as_array().unwrap();
+    assert!(pkgs.iter().any(|p| p["name"] == "systemd"));
+    assert!(pkgs.iter().any(|p| p["name"] == "linux-image-cloud-amd64"));
+
+    let _lock = heavy_lock();
+    let out = omni_image(&[
+        "boot",
+        built.qcow2.to_str().unwrap(),
+        "--timeout",
+        "420",
+        "--exec",
+        "systemctl is-enabled omni-firstboot.service",
+        "--exec",
+        "cat /etc/omni-image/appliance; systemctl is-active serial-getty@ttyS0.service; cat /proc/cmdline",
+        "--exec",
+        "findmnt -no FSTYPE /boot/efi",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "boot failed:\n{}", stderr(&out));
+    assert!(text.contains("ready in"), "{text}");
+    assert!(text.contains("enabled"), "{text}");
+    assert!(text.contains("tsidp"), "{text}");
+    assert!(text.contains("vfat"), "{text}");
+    assert!(text.contains("console=ttyS0"), "{text}");
+
+    // A second build of the unchanged recipe finds every package in the cache.
+    let again = tempfile::tempdir().unwrap();
+    let out = omni_image(&["build", "recipes/tsidp.toml", "--output", again.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(again.path().join("tsidp.manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["downloaded_packages"], 0, "second build downloaded packages again");
+    assert!(m["cached_packages"].as_u64().unwrap() > 100);
+}
+
+#[test]
+fn omni_builds_and_boots_with_docker_and_compose() {
+    let built = built_image("recipes/omni.toml");
+    check_disk(&built.qcow2);
+    let _lock = heavy_lock();
+    let out = omni_image(&[
+        "boot",
+        built.qcow2.to_str().unwrap(),
+        "--memory",
+        "2048",
+        "--timeout",
+        "480",
+        "--exec",
+        "docker --version",
+        "--exec",
+        "docker compose version",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "boot failed:\n{}", stderr(&out));
+    assert!(text.contains("Docker version"), "{text}");
+    assert!(text.contains("Docker Compose version"), "{text}");
+}
+
+#[test]
+fn a_disk_too_small_says_how_large_it_must_be_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("tiny.toml");
+    let base = omni_image_tests::workspace().join("recipes/base.toml");
+    fs_err::write(
+        &recipe,
+        format!("extends = \"{}\"\nname = \"tiny\"\n[disk]\nsize = \"400M\"\nesp-size = \"64M\"\n", base.display()),
+    )
+    .unwrap();
+    let out_dir = tmp.path().join("out");
+    let _lock = heavy_lock();
+    let out = omni_image(&["build", recipe.to_str().unwrap(), "--output", out_dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("set disk.size to at least"), "{err}");
+    let left: Vec<_> = fs_err::read_dir(&out_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
