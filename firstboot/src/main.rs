@@ -10,7 +10,8 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     omni_firstboot::logging(cli.verbose);
-    let root = Root::new(&cli.root);
+    // Tools run with `--prefix` need an absolute path.
+    let root = Root::new(std::path::absolute(&cli.root).unwrap_or(cli.root.clone()));
     let result = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
         Command::Run(args) => {
             let options = omni_firstboot::run::Options {

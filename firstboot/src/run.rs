@@ -209,6 +209,9 @@ pub fn run(env: &Env, options: &Options) -> Result<Summary> {
     }
     st.unimplemented_keys = cfg.unimplemented.clone();
     st.problems.extend(cfg.warnings.iter().cloned());
+    for p in &st.problems {
+        tracing::warn!("{p}");
+    }
 
     let mut steps = Steps {
         state: st,
@@ -362,9 +365,6 @@ pub fn run(env: &Env, options: &Options) -> Result<Summary> {
         ms: started.elapsed().as_millis() as u64,
     });
     st.save(root)?;
-    for p in &st.problems {
-        tracing::warn!("{p}");
-    }
     let failed = st
         .steps
         .iter()
@@ -449,6 +449,7 @@ impl Steps {
             }
         };
         for w in warnings {
+            tracing::warn!("{name}: {w}");
             self.state.problems.push(format!("{name}: {w}"));
         }
         self.state.record(step);

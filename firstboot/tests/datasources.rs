@@ -102,10 +102,7 @@ fn the_kernel_command_line_and_the_seed_directory_are_sources() {
     let files = common::proxmox_files(None);
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, c)| (*n, c.as_slice())).collect();
     common::seed_dir(
-        root
-            .join("var/lib/cloud/seed/nocloud")
-            .parent()
-            .unwrap(),
+        root.join("var/lib/cloud/seed/nocloud").parent().unwrap(),
         &refs,
     );
     fs_err::rename(
@@ -145,9 +142,6 @@ fn empty_and_truncated_isos_give_clear_errors() {
     let cut = dir.path().join("cut.iso");
     fs_err::write(&cut, &bytes[..0x8800]).unwrap();
     let result = datasource::explicit(&cut).and_then(|ds| ds.read());
-    let err = format!(
-        "{:#}",
-        result.expect_err("a truncated ISO cannot be read")
-    );
+    let err = format!("{:#}", result.expect_err("a truncated ISO cannot be read"));
     assert!(err.contains("cut.iso"), "{err}");
 }

@@ -289,12 +289,13 @@ pub(crate) fn is_dns_name(s: &str) -> bool {
 
 pub(crate) fn check_tailscale_key(r: &mut Reader<'_>, key: &'static str, v: &Option<Secret>) {
     if let Some(s) = v
-        && !s.expose().starts_with("tskey-") {
-            r.invalid(
-                key,
-                "does not look like a Tailscale auth key (they start with `tskey-`)",
-            );
-        }
+        && !s.expose().starts_with("tskey-")
+    {
+        r.invalid(
+            key,
+            "does not look like a Tailscale auth key (they start with `tskey-`)",
+        );
+    }
 }
 
 /// What applying the section did on this image.

@@ -80,12 +80,13 @@ pub fn parse(value: &Value) -> (Option<Secrets>, Findings) {
     }
     let account_id = r.string("account_id");
     if let Some(id) = &account_id
-        && (uuid::Uuid::try_parse(id).is_err() || id.len() != 36) {
-            r.invalid(
-                "account_id",
-                "is not a UUID (like 2f3e4d5c-...); leave it out to generate one",
-            );
-        }
+        && (uuid::Uuid::try_parse(id).is_err() || id.len() != 36)
+    {
+        r.invalid(
+            "account_id",
+            "is not a UUID (like 2f3e4d5c-...); leave it out to generate one",
+        );
+    }
     let initial_users = r.list("initial_users");
     if initial_users.is_empty() {
         let k = r.key("initial_users");
@@ -98,14 +99,17 @@ pub fn parse(value: &Value) -> (Option<Secrets>, Findings) {
     }
     let lan_address = r.string("lan_address");
     if let Some(lan) = &lan_address
-        && lan.parse::<std::net::IpAddr>().is_err() && !is_dns_name(lan) {
-            r.invalid("lan_address", "is neither an IP address nor a DNS name");
-        }
+        && lan.parse::<std::net::IpAddr>().is_err()
+        && !is_dns_name(lan)
+    {
+        r.invalid("lan_address", "is neither an IP address nor a DNS name");
+    }
     let etcd_key = r.secret_multiline("etcd_key");
     if let Some(key) = &etcd_key
-        && let Err(e) = etcdkey::check(key.expose()) {
-            r.invalid("etcd_key", e);
-        }
+        && let Err(e) = etcdkey::check(key.expose())
+    {
+        r.invalid("etcd_key", e);
+    }
 
     let mut eula = r.child("eula");
     let eula_name = eula.required("name");

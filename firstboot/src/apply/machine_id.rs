@@ -38,9 +38,10 @@ fn is_transient(root: &Root) -> bool {
 /// `new_machine` is true when this agent has not seen this machine before.
 pub fn apply(root: &Root, new_machine: bool) -> Result<Outcome> {
     if let Some(id) = read(root)
-        && (!new_machine || is_transient(root)) {
-            return Ok(Outcome::Kept(id));
-        }
+        && (!new_machine || is_transient(root))
+    {
+        return Ok(Outcome::Kept(id));
+    }
     let id = uuid::Uuid::new_v4().simple().to_string();
     let path = root.join("/etc/machine-id");
     if is_transient(root) {

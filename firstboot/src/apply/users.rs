@@ -101,11 +101,13 @@ pub fn plan(c: &CloudConfig, default_name: &str, meta_keys: &[String]) -> Vec<Pl
         }
     }
     // Proxmox's `user: root` (no `users:`) means root itself gets the keys and password.
-    if c.users.is_none() && c.default_user_name.as_deref() == Some("root")
-        && let Some(p) = out.first_mut() {
-            p.spec.groups.clear();
-            p.spec.sudo.clear();
-        }
+    if c.users.is_none()
+        && c.default_user_name.as_deref() == Some("root")
+        && let Some(p) = out.first_mut()
+    {
+        p.spec.groups.clear();
+        p.spec.sudo.clear();
+    }
     for (name, pw) in &c.chpasswd_users {
         match out.iter_mut().find(|p| &p.spec.name == name) {
             Some(p) => {

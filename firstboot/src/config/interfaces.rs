@@ -50,14 +50,15 @@ pub fn parse(text: &str) -> anyhow::Result<Network> {
                             "address" => iface.addresses.push(value),
                             "netmask" => {
                                 if let Some(last) = iface.addresses.last_mut()
-                                    && !last.contains('/') {
-                                        let len = if v6 {
-                                            value.parse()?
-                                        } else {
-                                            prefix_len(&value)?
-                                        };
-                                        *last = format!("{last}/{len}");
-                                    }
+                                    && !last.contains('/')
+                                {
+                                    let len = if v6 {
+                                        value.parse()?
+                                    } else {
+                                        prefix_len(&value)?
+                                    };
+                                    *last = format!("{last}/{len}");
+                                }
                             }
                             "gateway" if v6 => iface.gateway6 = Some(value),
                             "gateway" => iface.gateway4 = Some(value),

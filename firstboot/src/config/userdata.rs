@@ -268,7 +268,11 @@ fn users(v: &Value, warnings: &mut Vec<String>) -> Vec<UserEntry> {
                 name: s.clone(),
                 ..Default::default()
             }))),
-            other => if let Some(spec) = user_spec(other, &format!("users[{i}]"), warnings) { out.push(UserEntry::User(Box::new(spec))) },
+            other => {
+                if let Some(spec) = user_spec(other, &format!("users[{i}]"), warnings) {
+                    out.push(UserEntry::User(Box::new(spec)))
+                }
+            }
         }
     }
     out

@@ -33,14 +33,15 @@ pub fn find_by_label(env: &Env, labels: &[&str]) -> Result<Option<Found>> {
             let link = by_label.join(&variant);
             if link.exists()
                 && let Ok(Some((kind, found))) = fs::probe(&link)
-                    && matches(&found) {
-                        let device = std::fs::canonicalize(&link).unwrap_or(link);
-                        return Ok(Some(Found {
-                            device,
-                            kind,
-                            label: found,
-                        }));
-                    }
+                && matches(&found)
+            {
+                let device = std::fs::canonicalize(&link).unwrap_or(link);
+                return Ok(Some(Found {
+                    device,
+                    kind,
+                    label: found,
+                }));
+            }
         }
     }
 
@@ -57,13 +58,14 @@ pub fn find_by_label(env: &Env, labels: &[&str]) -> Result<Option<Found>> {
         let device = env.dev.join(&name);
         // A drive without a medium or a device we may not read is simply not a seed.
         if let Ok(Some((kind, label))) = fs::probe(&device)
-            && matches(&label) {
-                return Ok(Some(Found {
-                    device,
-                    kind,
-                    label,
-                }));
-            }
+            && matches(&label)
+        {
+            return Ok(Some(Found {
+                device,
+                kind,
+                label,
+            }));
+        }
     }
     Ok(None)
 }
