@@ -177,7 +177,9 @@ fn ensure_user(root: &Root, spec: &UserSpec, warnings: &mut Vec<String>) -> Resu
     for g in &spec.groups {
         if accounts::group_id(root, g)?.is_some() {
             groups.push(g.clone());
-        } else {
+        } else if !DEFAULT_GROUPS.contains(&g.as_str()) {
+            // The distribution's default groups differ between releases: only a group the
+            // user-data named itself is worth a warning.
             warnings.push(format!(
                 "user {}: group `{g}` does not exist; not joined",
                 spec.name
