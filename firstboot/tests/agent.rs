@@ -352,3 +352,22 @@ fn missing_unknown_and_foreign_secrets_are_named_but_never_shown() {
     let text = omni_firstboot::status::render(&st);
     assert!(text.contains("missing secrets") && text.contains("omni_appliance.tsidp.auth_key"));
 }
+
+#[test]
+fn the_readme_examples_are_clean_user_data() {
+    let readme =
+        fs_err::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```yaml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert_eq!(blocks.len(), 2);
+    for block in blocks {
+        let check = omni_firstboot::check_user_data(block.as_bytes(), "README.md");
+        assert!(
+            check.errors.is_empty() && check.warnings.is_empty(),
+            "{check:?}"
+        );
+    }
+}
