@@ -166,7 +166,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ud =
             "#cloud-config\nhostname: vm1\nomni_appliance:\n  tsidp:\n    auth_key: tskey-auth-x\n";
-        let net = "version: 2\nethernets:\n  e:\n    match: {macaddress: '52:54:00:00:00:01'}\n    dhcp4: true\n";
+        let net = "version: 2\nethernets:\n  e:\n    match: {macaddress: '52:54:00:00:00:01'}\n    \
+                   dhcp4: true\n";
         let a = args(dir.path(), ud, Some(net));
         run(&a).unwrap();
         assert_eq!(fs_err::metadata(&a.output).unwrap().mode() & 0o777, 0o600);
@@ -189,8 +190,8 @@ mod tests {
     #[test]
     fn bad_user_data_writes_no_iso_and_names_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        let ud = "#cloud-config\nomni_appliance:\n  omni:\n    oidc:\n      issuer: http://idp\n      \
-                  client_secret: do-not-print-me\n";
+        let ud = "#cloud-config\nomni_appliance:\n  omni:\n    oidc:\n      \
+                  issuer: http://idp\n      client_secret: do-not-print-me\n";
         let a = args(dir.path(), ud, None);
         let err = format!("{:#}", run(&a).unwrap_err());
         assert!(err.contains("omni_appliance.omni.oidc.issuer"), "{err}");

@@ -317,7 +317,7 @@ pub fn apply(root: &Root, image: Option<Appliance>, value: Option<&Value>) -> Re
     let Some(image) = image else {
         if section.has_tsidp || section.has_omni {
             out.notes.push(format!(
-                "{SECTION} is given but this image is no appliance ({MARKER} is absent): not applied"
+                "{SECTION} is given but this image is no appliance (see {MARKER}): not applied"
             ));
         }
         return Ok(out);
