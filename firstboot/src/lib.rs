@@ -168,16 +168,27 @@ mod tests {
     fn the_unit_is_enabled_where_the_builder_links_it_and_runs_before_the_network() {
         assert_eq!(values("WantedBy"), vec![WANTED_BY]);
         let before = values("Before");
-        for unit in ["systemd-networkd.service", "network-pre.target", "ssh.service", WANTED_BY] {
+        for unit in [
+            "systemd-networkd.service",
+            "network-pre.target",
+            "ssh.service",
+            WANTED_BY,
+        ] {
             assert!(before.iter().any(|b| b == unit), "Before= lacks {unit}");
         }
         assert!(values("After").iter().any(|a| a == "local-fs.target"));
-        assert_eq!(values("ExecStart"), vec![INSTALL_PATH.to_owned(), "run".to_owned()]);
+        assert_eq!(
+            values("ExecStart"),
+            vec![INSTALL_PATH.to_owned(), "run".to_owned()]
+        );
     }
 
     #[test]
     fn instance_ids_are_computed_as_proxmox_does() {
         // sha1("user" + "net") as `printf usernet | sha1sum` prints it.
-        assert_eq!(instance_id(b"user", b"net"), "78a3ae3a6ef7246a9290f4f5e97737de99cd2f0e");
+        assert_eq!(
+            instance_id(b"user", b"net"),
+            "78a3ae3a6ef7246a9290f4f5e97737de99cd2f0e"
+        );
     }
 }

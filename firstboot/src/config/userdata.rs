@@ -504,6 +504,19 @@ mod tests {
     }
 
     #[test]
+    fn vendor_data_fills_only_what_user_data_leaves_unset() {
+        let mut user = config("#cloud-config\nhostname: from-user\n");
+        let vendor = config(
+            "#cloud-config\nhostname: from-vendor\nssh_pwauth: false\nwrite_files:\n  \
+             - path: /etc/v\n",
+        );
+        user.merge_vendor(vendor);
+        assert_eq!(user.hostname.as_deref(), Some("from-user"));
+        assert_eq!(user.ssh_pwauth, Some(false));
+        assert_eq!(user.write_files[0].path, "/etc/v");
+    }
+
+    #[test]
     fn secrets_never_show_in_debug_output() {
         let c = config("#cloud-config\npassword: hunter2hunter2\n");
         assert!(!format!("{c:?}").contains("hunter2"));
