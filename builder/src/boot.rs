@@ -408,18 +408,23 @@ impl Attempt<'_> {
         Ok(out)
     }
 
-    /// With `--state` the guest is powered off cleanly so its writes are on disk; otherwise
-    /// its writes are thrown away and it is simply stopped.
+    /// With `--state` the guest is powered off cleanly so its writes are on disk (through
+    /// its agent, else ACPI); otherwise its writes are thrown away and it is simply stopped.
     fn shut_down(&self, child: &mut Child) {
-        if !self.snapshot && qmp_powerdown(&self.tmp.join("qmp.sock")).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
+        if !self.snapshot {
+            let asked = crate::qga::Agent::connect(&self.tmp.join("qga.sock"), Duration::from_secs(30))
+                .and_then(|mut a| a.shutdown())
+                .or_else(|_| qmp_powerdown(&self.tmp.join("qmp.sock")));
+            if asked.is_ok() {
+                let deadline = Instant::now() + Duration::from_secs(180);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
                 }
-                std::thread::sleep(Duration::from_millis(250));
             }
-            tracing::warn!("the guest did not power off within 120s; stopping it");
+            tracing::warn!("the guest did not power off; stopping it (its last writes may be lost)");
         }
         let _ = child.kill();
         let _ = child.wait();

@@ -104,6 +104,11 @@ impl Agent {
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
 
+    /// Asks the guest to power off. The agent sends no reply to this command.
+    pub fn shutdown(&mut self) -> Result<()> {
+        self.send(&json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}))
+    }
+
     /// Runs `sh -c script` in the guest and waits for it, up to `timeout`.
     pub fn exec(&mut self, script: &str, timeout: Duration) -> Result<ExecResult> {
         let started = self.call(
