@@ -27,6 +27,8 @@ test:
 test-unit:
     cargo test --release --workspace --lib --bins
 
-# Benchmarks; figures go to bench/results/.
+# Benchmarks; figures go to bench/results/ (run as root).
 bench: binaries
     bench/build.sh
+    bench/firstboot.sh
+    cargo run --release -p omni-image-tests --bin bench_upload

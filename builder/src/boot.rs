@@ -68,6 +68,10 @@ pub struct BootArgs {
     /// MAC address of the virtual NIC (match it in a seed's network-config).
     #[arg(long, default_value = "52:54:00:12:34:56")]
     pub mac: String,
+    /// Wait for a console line containing this text instead of the agent's ready line (for
+    /// images without omni-firstboot, e.g. "Cloud-init v." ... "finished").
+    #[arg(long, value_name = "TEXT")]
+    pub ready: Option<String>,
 }
 
 #[derive(Debug)]
@@ -343,7 +347,8 @@ impl Attempt<'_> {
                         tail.pop_front();
                     }
                     tail.push_back(line.clone());
-                    if line.contains(omni_firstboot::READY_MARKER) {
+                    let marker = self.args.ready.as_deref().unwrap_or(omni_firstboot::READY_MARKER);
+                    if line.contains(marker) {
                         let ready_after = start.elapsed();
                         log.flush()?;
                         let exec = self.run_exec()?;

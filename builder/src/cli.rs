@@ -27,6 +27,10 @@ pub enum Command {
     Upload(crate::proxmox::UploadArgs),
     /// Clone a template in Proxmox VE, configure it and start it.
     Deploy(crate::proxmox::DeployArgs),
+    /// Show what changed between two builds, from their manifests.
+    Diff(crate::diff::DiffArgs),
+    /// List or prune the cache of packages, artifacts and bootstrapped base trees.
+    Cache(crate::cache::cli::CacheArgs),
     /// Check that every host tool a command needs is installed, and install what is missing.
     Setup(SetupArgs),
 }
@@ -48,6 +52,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Seed(args) => crate::seed::run(&args),
         Command::Upload(args) => crate::proxmox::run_upload(&args),
         Command::Deploy(args) => crate::proxmox::run_deploy(&args),
+        Command::Diff(args) => crate::diff::run(&args),
+        Command::Cache(args) => crate::cache::cli::run(&args),
         Command::Setup(args) => crate::hosttools::setup(args.for_command, args.install),
     }
 }

@@ -7,7 +7,9 @@
 
 pub mod boot;
 pub mod build;
+pub mod cache;
 pub mod cli;
+pub mod diff;
 pub mod disk;
 pub mod exec;
 pub mod hosttools;
@@ -18,3 +20,4 @@ pub mod qga;
 pub mod recipe;
 pub mod seed;
 pub mod size;
+pub mod sources;
