@@ -7,7 +7,12 @@
 //! - `overlays` accumulate in order, earlier files' overlays first;
 //! - `kernel.cmdline` accumulates, earlier files' words first;
 //! - `variables` merge key by key, the later file wins;
-//! - `services.enable`, `services.disable` and `services.mask` accumulate.
+//! - `services.enable`, `services.disable` and `services.mask` accumulate;
+//! - `[[repositories]]` and `[[artifacts]]` are keyed by `name`: an entry whose name an
+//!   earlier file already used updates that entry key by key (the later file wins, a
+//!   `packages` list replaces the earlier one); a new name is appended. `enabled = false`
+//!   switches an entry off and `enabled = true` back on, so a general file can declare a
+//!   source that only some recipes use.
 //!
 //! Unknown keys are errors reported as `file:line:column`.
 
@@ -120,6 +125,43 @@ struct RecipeFile {
     output: Option<OutputFile>,
     vm: Option<VmFile>,
     services: Option<ServicesFile>,
+    repositories: Option<Vec<RepositoryFile>>,
+    artifacts: Option<Vec<ArtifactFile>>,
+}
+
+/// An extra apt repository, as one file writes it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RepositoryFile {
+    name: String,
+    enabled: Option<bool>,
+    url: Option<String>,
+    suite: Option<String>,
+    components: Option<Vec<String>>,
+    key_url: Option<String>,
+    fingerprint: Option<String>,
+    packages: Option<Vec<String>>,
+}
+
+/// A file fetched by URL and pinned by sha256, as one file writes it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ArtifactFile {
+    name: String,
+    enabled: Option<bool>,
+    url: Option<String>,
+    sha256: Option<String>,
+    member: Option<String>,
+    path: Option<String>,
+    mode: Option<ModeFile>,
+}
+
+/// A file mode, written as an octal string (`"0755"`) or a TOML integer (`0o755`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ModeFile {
+    Number(u32),
+    Text(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +228,10 @@ pub struct Recipe {
     pub output: Output,
     pub vm: Vm,
     pub services: Services,
+    /// Extra apt repositories that are switched on, in the order they were first named.
+    pub repositories: Vec<Repository>,
+    /// Files fetched by URL and installed into the image, switched on ones only.
+    pub artifacts: Vec<Artifact>,
     /// The files merged, most general first, as given or found.
     #[serde(skip)]
     pub files: Vec<PathBuf>,
@@ -237,6 +283,40 @@ pub struct Vm {
     pub memory: u32,
     pub cores: u32,
     pub tags: Vec<String>,
+}
+
+/// An extra apt repository whose key is pinned by fingerprint.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Repository {
+    /// Names the keyring (`/usr/share/keyrings/NAME-archive-keyring.gpg`) and the source
+    /// file (`/etc/apt/sources.list.d/NAME.sources`) in the image.
+    pub name: String,
+    /// The archive root, without a trailing slash.
+    pub url: String,
+    pub suite: String,
+    pub components: Vec<String>,
+    /// Where the repository's public key (binary or armored) is fetched from.
+    pub key_url: String,
+    /// The key's primary fingerprint, upper-case hex without spaces.
+    pub fingerprint: String,
+    /// Packages installed from it (or from anywhere apt finds them).
+    pub packages: Vec<String>,
+}
+
+/// A file fetched by URL, pinned by sha256, installed at `path` with `mode`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Artifact {
+    pub name: String,
+    pub url: String,
+    /// Lower-case hex.
+    pub sha256: String,
+    /// A file inside a `.tar.gz` to install instead of the download itself.
+    pub member: Option<String>,
+    /// Absolute path in the image.
+    pub path: String,
+    pub mode: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -332,6 +412,8 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
     let mut output = OutputFile::default();
     let mut vm = VmFile::default();
     let mut services = Services::default();
+    let mut repositories: Vec<(PathBuf, RepositoryFile)> = Vec::new();
+    let mut artifacts: Vec<(PathBuf, ArtifactFile)> = Vec::new();
     let mut files = Vec::new();
 
     for (path, file) in chain {
@@ -404,6 +486,35 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
             services.disable.extend(sv.disable.unwrap_or_default());
             services.mask.extend(sv.mask.unwrap_or_default());
         }
+        for r in file.repositories.unwrap_or_default() {
+            match repositories.iter_mut().find(|(_, e)| e.name == r.name) {
+                Some((at, e)) => {
+                    *at = path.clone();
+                    e.enabled = r.enabled.or(e.enabled);
+                    e.url = r.url.or(e.url.take());
+                    e.suite = r.suite.or(e.suite.take());
+                    e.components = r.components.or(e.components.take());
+                    e.key_url = r.key_url.or(e.key_url.take());
+                    e.fingerprint = r.fingerprint.or(e.fingerprint.take());
+                    e.packages = r.packages.or(e.packages.take());
+                }
+                None => repositories.push((path.clone(), r)),
+            }
+        }
+        for a in file.artifacts.unwrap_or_default() {
+            match artifacts.iter_mut().find(|(_, e)| e.name == a.name) {
+                Some((at, e)) => {
+                    *at = path.clone();
+                    e.enabled = a.enabled.or(e.enabled);
+                    e.url = a.url.or(e.url.take());
+                    e.sha256 = a.sha256.or(e.sha256.take());
+                    e.member = a.member.or(e.member.take());
+                    e.path = a.path.or(e.path.take());
+                    e.mode = a.mode.or(e.mode.take());
+                }
+                None => artifacts.push((path.clone(), a)),
+            }
+        }
         files.push(path);
     }
 
@@ -436,6 +547,7 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
             disk.size
         );
     }
+    let suite_for_sources = suite.clone();
     let keyring = base
         .keyring
         .unwrap_or_else(|| PathBuf::from(distribution.default_keyring()));
@@ -478,6 +590,16 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
             tags: vm.tags.unwrap_or_default(),
         },
         services,
+        repositories: repositories
+            .into_iter()
+            .filter(|(_, r)| r.enabled.unwrap_or(true))
+            .map(|(file, r)| finish_repository(&file, r, &suite_for_sources))
+            .collect::<Result<_>>()?,
+        artifacts: artifacts
+            .into_iter()
+            .filter(|(_, a)| a.enabled.unwrap_or(true))
+            .map(|(file, a)| finish_artifact(&file, a))
+            .collect::<Result<_>>()?,
         files,
     };
     if !matches!(
@@ -493,6 +615,143 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
         bail!("{top_name}: `output.formats` is empty: name at least \"qcow2\" or \"raw\"");
     }
     Ok(recipe)
+}
+
+/// An enabled repository with every required key present and well-formed. `file` is the
+/// last recipe file that wrote to the entry, named in errors.
+fn finish_repository(file: &Path, r: RepositoryFile, base_suite: &str) -> Result<Repository> {
+    let at = |key: &str| format!("{}: repositories `{}`: {key}", file.display(), r.name);
+    check_source_name(&r.name).with_context(|| at("name"))?;
+    let url = r
+        .url
+        .with_context(|| format!("{} is not set", at("url")))?
+        .trim_end_matches('/')
+        .to_owned();
+    check_url(&url, &["http", "https"]).with_context(|| at("url"))?;
+    let key_url = r.key_url.with_context(|| {
+        format!(
+            "{} is not set: name where the repository's signing key is published",
+            at("key-url")
+        )
+    })?;
+    check_url(&key_url, &["http", "https", "file"]).with_context(|| at("key-url"))?;
+    let fingerprint = r.fingerprint.with_context(|| {
+        format!(
+            "{} is not set: an unpinned key is refused; pin the primary key's fingerprint as \
+             the repository's owner publishes it",
+            at("fingerprint")
+        )
+    })?;
+    let fingerprint =
+        crate::sources::openpgp::normalize_fingerprint(&fingerprint).with_context(|| {
+            format!(
+                "{}: `{fingerprint}` is not a fingerprint (40 or 64 hex digits)",
+                at("fingerprint")
+            )
+        })?;
+    let components = r.components.unwrap_or_else(|| vec!["main".to_owned()]);
+    if components.is_empty() {
+        bail!(
+            "{} is empty: name at least one, e.g. \"main\"",
+            at("components")
+        );
+    }
+    Ok(Repository {
+        name: r.name,
+        url,
+        suite: r.suite.unwrap_or_else(|| base_suite.to_owned()),
+        components,
+        key_url,
+        fingerprint,
+        packages: r.packages.unwrap_or_default(),
+    })
+}
+
+/// An enabled artifact with every required key present and well-formed.
+fn finish_artifact(file: &Path, a: ArtifactFile) -> Result<Artifact> {
+    let at = |key: &str| format!("{}: artifacts `{}`: {key}", file.display(), a.name);
+    check_source_name(&a.name).with_context(|| at("name"))?;
+    let url = a.url.with_context(|| format!("{} is not set", at("url")))?;
+    check_url(&url, &["http", "https", "file"]).with_context(|| at("url"))?;
+    let sha256 = a.sha256.with_context(|| {
+        format!(
+            "{} is not set: an artifact must be pinned by the sha256 of what `url` serves",
+            at("sha256")
+        )
+    })?;
+    let sha256 = sha256.trim().to_ascii_lowercase();
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!(
+            "{}: `{sha256}` is not a sha256 (64 hex digits)",
+            at("sha256")
+        );
+    }
+    let path = a.path.with_context(|| {
+        format!(
+            "{} is not set (where the file lands in the image)",
+            at("path")
+        )
+    })?;
+    if !path.starts_with('/') || path.ends_with('/') || path.split('/').any(|p| p == "..") {
+        bail!(
+            "{}: `{path}` must be an absolute file path in the image, without `..`",
+            at("path")
+        );
+    }
+    if let Some(m) = &a.member
+        && (m.is_empty() || m.starts_with('/') || m.split('/').any(|p| p == ".."))
+    {
+        bail!(
+            "{}: `{m}` must be a relative path inside the tarball",
+            at("member")
+        );
+    }
+    let mode = match a.mode {
+        None => 0o644,
+        Some(ModeFile::Number(n)) => n,
+        Some(ModeFile::Text(t)) => u32::from_str_radix(t.trim_start_matches("0o"), 8)
+            .ok()
+            .with_context(|| format!("{}: `{t}` is not an octal mode like \"0755\"", at("mode")))?,
+    };
+    if mode > 0o7777 {
+        bail!("{}: {mode:o} is not a file mode (at most 7777)", at("mode"));
+    }
+    Ok(Artifact {
+        name: a.name,
+        url,
+        sha256,
+        member: a.member,
+        path,
+        mode,
+    })
+}
+
+/// Source names become file names in the image.
+fn check_source_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+        && !name.starts_with(['-', '.']);
+    if !ok {
+        bail!("`{name}` is not a valid name: use lowercase letters, digits, `-`, `_` and `.`");
+    }
+    Ok(())
+}
+
+fn check_url(url: &str, schemes: &[&str]) -> Result<()> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some(s) if schemes.contains(&s) => Ok(()),
+        _ => bail!(
+            "`{url}` is not a URL this builder can fetch: use {}",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ),
+    }
 }
 
 /// Keyrings given as relative paths are relative to the recipe file; absolute ones are
@@ -730,6 +989,205 @@ greeting = "hi"
         let (a, b) = (Recipe::load(&a).unwrap(), Recipe::load(&b).unwrap());
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.hash(), a.clone().hash());
+    }
+
+    const SOURCES: &str = r#"
+[base]
+suite = "trixie"
+
+[[repositories]]
+name = "vendor"
+enabled = false
+url = "https://pkgs.example.org/debian/"
+key-url = "https://pkgs.example.org/key.gpg"
+fingerprint = "2596 a99e AAB3 3821 893C  0A79 458C A832 957F 5868"
+packages = ["vendor-tool"]
+
+[[artifacts]]
+name = "tool"
+url = "https://example.org/tool.tar.gz"
+sha256 = "AB00000000000000000000000000000000000000000000000000000000000000"
+member = "tool"
+path = "/usr/local/bin/tool"
+mode = "0755"
+
+[[artifacts]]
+name = "motd"
+url = "file:///srv/motd"
+sha256 = "cd00000000000000000000000000000000000000000000000000000000000000"
+path = "/etc/motd"
+"#;
+
+    #[test]
+    fn repositories_and_artifacts_merge_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", SOURCES);
+        let r = Recipe::load(&dir.path().join("base.toml")).unwrap();
+        assert!(r.repositories.is_empty(), "switched off");
+        assert_eq!(r.artifacts.len(), 2);
+        assert_eq!(r.artifacts[0].sha256, format!("ab{}", "0".repeat(62)));
+        assert_eq!(r.artifacts[0].mode, 0o755);
+        assert_eq!(r.artifacts[1].mode, 0o644);
+
+        let child = write(
+            dir.path(),
+            "child.toml",
+            r#"
+extends = "base.toml"
+[[repositories]]
+name = "vendor"
+enabled = true
+[[artifacts]]
+name = "tool"
+url = "http://127.0.0.1:8080/tool.tar.gz"
+sha256 = "ef00000000000000000000000000000000000000000000000000000000000000"
+[[artifacts]]
+name = "motd"
+enabled = false
+"#,
+        );
+        let r = Recipe::load(&child).unwrap();
+        let repo = &r.repositories[0];
+        assert_eq!(repo.url, "https://pkgs.example.org/debian");
+        assert_eq!(repo.suite, "trixie", "the base suite by default");
+        assert_eq!(repo.components, ["main"]);
+        assert_eq!(repo.fingerprint, "2596A99EAAB33821893C0A79458CA832957F5868");
+        assert_eq!(repo.packages, ["vendor-tool"]);
+        assert_eq!(r.artifacts.len(), 1);
+        let tool = &r.artifacts[0];
+        assert_eq!(tool.url, "http://127.0.0.1:8080/tool.tar.gz");
+        assert_eq!(tool.member.as_deref(), Some("tool"));
+        assert_eq!(tool.path, "/usr/local/bin/tool");
+        assert_eq!(tool.mode, 0o755);
+        assert!(crate::build::bootstrap::packages(&r).contains(&"vendor-tool".to_owned()));
+    }
+
+    #[test]
+    fn an_unpinned_or_misspelt_source_is_refused_naming_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", SOURCES);
+        let cases = [
+            (
+                "[[repositories]]\nname = \"vendor\"\nenabled = true\nfingerprint = \"957F5868\"\n",
+                "repositories `vendor`: fingerprint: `957F5868` is not a fingerprint",
+            ),
+            (
+                "[[repositories]]\nname = \"x\"\nurl = \"https://x\"\nkey-url = \"https://x/k\"\n",
+                "repositories `x`: fingerprint is not set: an unpinned key is refused",
+            ),
+            (
+                "[[repositories]]\nname = \"x\"\nurl = \"ftp://x\"\n",
+                "repositories `x`: url",
+            ),
+            (
+                "[[artifacts]]\nname = \"tool\"\nsha256 = \"abc\"\n",
+                "artifacts `tool`: sha256: `abc` is not a sha256",
+            ),
+            (
+                "[[artifacts]]\nname = \"new\"\nurl = \"https://x/y\"\npath = \"/y\"\n",
+                "artifacts `new`: sha256 is not set",
+            ),
+            (
+                "[[artifacts]]\nname = \"tool\"\npath = \"usr/bin/tool\"\n",
+                "artifacts `tool`: path: `usr/bin/tool` must be an absolute file path",
+            ),
+            (
+                "[[artifacts]]\nname = \"tool\"\nmode = \"rwx\"\n",
+                "artifacts `tool`: mode: `rwx` is not an octal mode",
+            ),
+        ];
+        for (text, expected) in cases {
+            let child = write(
+                dir.path(),
+                "child.toml",
+                &format!("extends = \"base.toml\"\n{text}"),
+            );
+            let err = format!("{:#}", Recipe::load(&child).unwrap_err());
+            assert!(err.contains("child.toml: "), "{err}");
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+        let child = write(
+            dir.path(),
+            "child.toml",
+            "extends = \"base.toml\"\n[[artifacts]]\nname = \"tool\"\nsha265 = \"x\"\n",
+        );
+        let err = format!("{:#}", Recipe::load(&child).unwrap_err());
+        assert!(err.contains("child.toml:4:1"), "{err}");
+    }
+
+    #[test]
+    fn tailscale_is_off_by_default_and_one_switch_away() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        for name in ["tsidp.toml", "omni.toml"] {
+            let r = Recipe::load(&root.join(name)).unwrap();
+            assert!(r.repositories.is_empty(), "{name}");
+            assert!(!crate::build::bootstrap::packages(&r).contains(&"tailscale".to_owned()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let child = write(
+            dir.path(),
+            "admin.toml",
+            &format!(
+                "extends = \"{}\"\n[[repositories]]\nname = \"tailscale\"\nenabled = true\n",
+                root.join("omni.toml").display()
+            ),
+        );
+        let r = Recipe::load(&child).unwrap();
+        let ts = &r.repositories[0];
+        assert_eq!(ts.url, "https://pkgs.tailscale.com/stable/debian");
+        assert_eq!(ts.suite, "trixie");
+        assert_eq!(
+            ts.key_url,
+            "https://pkgs.tailscale.com/stable/debian/trixie.noarmor.gpg"
+        );
+        assert_eq!(ts.fingerprint, "2596A99EAAB33821893C0A79458CA832957F5868");
+        assert!(crate::build::bootstrap::packages(&r).contains(&"tailscale".to_owned()));
+    }
+
+    #[test]
+    fn tsidp_declares_its_tarball_and_refuses_it_unpinned() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        assert!(
+            Recipe::load(&root.join("tsidp.toml"))
+                .unwrap()
+                .artifacts
+                .is_empty()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let tsidp = root.join("tsidp.toml");
+        let on = write(
+            dir.path(),
+            "on.toml",
+            &format!(
+                "extends = \"{}\"\n[[artifacts]]\nname = \"tsidp\"\nenabled = true\n",
+                tsidp.display()
+            ),
+        );
+        let err = format!("{:#}", Recipe::load(&on).unwrap_err());
+        assert!(
+            err.contains("artifacts `tsidp`: sha256 is not set"),
+            "{err}"
+        );
+        let pinned = write(
+            dir.path(),
+            "pinned.toml",
+            &format!(
+                "extends = \"{}\"\n[[artifacts]]\nname = \"tsidp\"\nenabled = true\nsha256 = \"{}\"\n",
+                tsidp.display(),
+                "1".repeat(64)
+            ),
+        );
+        let r = Recipe::load(&pinned).unwrap();
+        let a = &r.artifacts[0];
+        assert!(
+            a.url
+                .starts_with("https://github.com/tailscale/tsidp/releases/download/v")
+        );
+        assert!(a.url.ends_with("_linux_amd64.tar.gz"));
+        assert_eq!(
+            (a.member.as_deref(), a.path.as_str(), a.mode),
+            (Some("tsidp"), "/usr/local/bin/tsidp", 0o755)
+        );
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! Downloaded packages are kept in the cache folder between builds: they are synced into the
 //! tree's apt archive before apt runs and synced back out afterwards, so a second build of
 //! the same package set downloads nothing.
+//!
+//! The base archive's `InRelease` is verified against `base.keyring` before mmdebstrap
+//! starts ([`verify_base`]); extra repositories come in as further mirrors, each with its own
+//! pinned keyring as `signed-by` (see [`crate::sources`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use super::steps::Step;
 use crate::exec::Cmd;
 use crate::recipe::Recipe;
+use crate::sources::repository::{self, Prepared, VerifiedArchive};
 
 /// Packages every image needs for its boot chain and first boot, whatever the recipe says.
 pub const LAYOUT_PACKAGES: &[&str] = &[
@@ -46,7 +51,8 @@ pub struct Outcome {
 pub fn packages(recipe: &Recipe) -> Vec<String> {
     let mut all: Vec<String> = LAYOUT_PACKAGES.iter().map(|s| s.to_string()).collect();
     all.push(recipe.kernel.package.clone());
-    for p in &recipe.packages {
+    let from_repositories = recipe.repositories.iter().flat_map(|r| &r.packages);
+    for p in recipe.packages.iter().chain(from_repositories) {
         if !all.contains(p) {
             all.push(p.clone());
         }
@@ -54,8 +60,21 @@ pub fn packages(recipe: &Recipe) -> Vec<String> {
     all
 }
 
-/// The mmdebstrap command line for a recipe (also used by the benchmark's bare run).
+/// The mmdebstrap command line for a recipe without extra repositories (the benchmark's bare
+/// run; a recipe with switched-on repositories needs [`command_with`]).
 pub fn command(recipe: &Recipe, tree: &Path, apt_cache: Option<&Path>, epoch: i64) -> Cmd {
+    command_with(recipe, tree, apt_cache, epoch, &[])
+}
+
+/// The mmdebstrap command line for a recipe, with its verified extra repositories as further
+/// mirrors.
+pub fn command_with(
+    recipe: &Recipe,
+    tree: &Path,
+    apt_cache: Option<&Path>,
+    epoch: i64,
+    repositories: &[Prepared],
+) -> Cmd {
     let mode = if crate::hosttools::is_root() {
         "root"
     } else {
@@ -91,7 +110,11 @@ pub fn command(recipe: &Recipe, tree: &Path, apt_cache: Option<&Path>, epoch: i6
             ))
             .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb");
     }
-    cmd.arg(&recipe.base.suite).arg(tree).arg(recipe.mirror())
+    cmd = cmd.arg(&recipe.base.suite).arg(tree).arg(recipe.mirror());
+    for r in repositories {
+        cmd = cmd.arg(r.mirror_line());
+    }
+    cmd
 }
 
 /// Package files in the cache, with size and modification time, to tell afterwards what was
@@ -116,20 +139,19 @@ pub fn apt_cache_dir(cache: &Path, recipe: &Recipe) -> PathBuf {
     ))
 }
 
-pub fn run(recipe: &Recipe, tree: &Path, cache: &Path, epoch: i64, step: &Step) -> Result<Outcome> {
-    if !recipe.base.keyring.is_file() {
-        bail!(
-            "base.keyring: {} does not exist; install {} or point base.keyring at the archive's \
-             keyring",
-            recipe.base.keyring.display(),
-            recipe.base.distribution.keyring_package()
-        );
-    }
+pub fn run(
+    recipe: &Recipe,
+    tree: &Path,
+    cache: &Path,
+    epoch: i64,
+    step: &Step,
+    repositories: &[Prepared],
+) -> Result<Outcome> {
     let apt_cache = apt_cache_dir(cache, recipe);
     fs_err::create_dir_all(&apt_cache).context("creating the package cache")?;
     let before = snapshot(&apt_cache)?;
 
-    let cmd = command(recipe, tree, Some(&apt_cache), epoch);
+    let cmd = command_with(recipe, tree, Some(&apt_cache), epoch, repositories);
     let mut last_phase = String::new();
     cmd.run_lines(|line| {
         if let Some(msg) = line.strip_prefix("I: ") {
@@ -148,6 +170,7 @@ pub fn run(recipe: &Recipe, tree: &Path, cache: &Path, epoch: i64, step: &Step) 
         .map(|(name, _)| name.clone())
         .collect();
     let cached = after.len() - downloaded.len();
+    repository::install(tree, repositories, epoch)?;
     Ok(Outcome { downloaded, cached })
 }
 
@@ -181,6 +204,32 @@ pub fn fetch_inrelease(recipe: &Recipe) -> Result<Vec<u8>> {
             recipe.mirror()
         ),
     }
+}
+
+/// Fetches the suite's `InRelease` and verifies it against `base.keyring` (which may hold
+/// several keys, as Debian's does).
+pub fn verify_base(recipe: &Recipe) -> Result<VerifiedArchive> {
+    let keyring = &recipe.base.keyring;
+    if !keyring.is_file() {
+        bail!(
+            "base.keyring: {} does not exist; install {} or point base.keyring at the archive's \
+             keyring",
+            keyring.display(),
+            recipe.base.distribution.keyring_package()
+        );
+    }
+    let bytes = fs_err::read(keyring).context("reading base.keyring")?;
+    let certs = crate::sources::openpgp::read_keyring(&bytes)
+        .map_err(|e| anyhow::anyhow!("base.keyring: {}: {e}", keyring.display()))?;
+    let inrelease = fetch_inrelease(recipe)?;
+    repository::verify_archive(
+        "base",
+        &format!("base archive (keyring {})", keyring.display()),
+        recipe.mirror(),
+        &recipe.base.suite,
+        &inrelease,
+        &certs,
+    )
 }
 
 /// The `Date:` field of a Release file, as text and as a Unix time.

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::steps::Timing;
 use crate::recipe::Recipe;
+use crate::sources::repository::VerifiedArchive;
 
 #[derive(Debug, Serialize)]
 pub struct Manifest<'a> {
@@ -16,7 +17,12 @@ pub struct Manifest<'a> {
     pub recipe_hash: String,
     pub recipe_files: Vec<String>,
     pub source_date_epoch: i64,
+    /// The base archive.
     pub archive: Archive,
+    /// Extra apt repositories, in recipe order.
+    pub repositories: Vec<Archive>,
+    /// Files fetched by URL and installed, in recipe order.
+    pub artifacts: Vec<crate::sources::artifact::Installed>,
     pub kernel: String,
     pub kernel_cmdline: String,
     pub packages: Vec<Package>,
@@ -28,13 +34,31 @@ pub struct Manifest<'a> {
     pub total_seconds: f64,
 }
 
+/// An apt archive whose `InRelease` the build verified before bootstrapping.
 #[derive(Debug, Serialize)]
 pub struct Archive {
+    /// `base`, or the repository's name in the recipe.
+    pub name: String,
     pub mirror: String,
     pub suite: String,
     /// The `Date:` of the suite's InRelease when the build fetched it.
     pub inrelease_date: Option<String>,
     pub inrelease_sha256: Option<String>,
+    /// Primary fingerprints of the keys that made good signatures on it.
+    pub signed_by: Vec<String>,
+}
+
+impl From<&VerifiedArchive> for Archive {
+    fn from(v: &VerifiedArchive) -> Archive {
+        Archive {
+            name: v.name.clone(),
+            mirror: v.url.clone(),
+            suite: v.suite.clone(),
+            inrelease_date: v.inrelease_date.clone(),
+            inrelease_sha256: Some(v.inrelease_sha256.clone()),
+            signed_by: v.signed_by.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -1,12 +1,14 @@
 //! `omni-image build`: recipe in, bootable disk image out.
 //!
 //! The steps run in this order, each named and timed:
-//! 1. `bootstrap`: mmdebstrap makes the root tree from distribution packages;
-//! 2. `overlays`: files and templates laid over it;
-//! 3. `firstboot`: the first-boot agent installed, the recipe's services enabled;
-//! 4. `finalize`: the tree made clone-ready;
-//! 5. `disk`: GPT, ESP and root filesystem written into a raw disk file;
-//! 6. `output`: qcow2, checksum and manifest, published under their final names last.
+//! 1. `sources`: archives verified, repository keys pinned, artifacts fetched and checked
+//!    (see [`crate::sources`]), before anything is installed;
+//! 2. `bootstrap`: mmdebstrap makes the root tree from distribution packages;
+//! 3. `overlays`: files and templates laid over it, then the recipe's artifacts;
+//! 4. `firstboot`: the first-boot agent installed, the recipe's services enabled;
+//! 5. `finalize`: the tree made clone-ready;
+//! 6. `disk`: GPT, ESP and root filesystem written into a raw disk file;
+//! 7. `output`: qcow2, checksum and manifest, published under their final names last.
 
 mod agent;
 mod boot_files;
@@ -122,8 +124,21 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     let tree = scratch.path().join("root");
     let mut steps = Steps::new();
 
-    let inrelease = bootstrap::fetch_inrelease(&recipe)?;
-    let release = bootstrap::release_date(&inrelease);
+    let step = steps.start(
+        "sources",
+        &format!(
+            "verifying the base archive and {} repositories, fetching {} artifacts",
+            recipe.repositories.len(),
+            recipe.artifacts.len()
+        ),
+    );
+    let sources = crate::sources::prepare(&recipe, scratch.path(), &cache)?;
+    step.done(&format!(
+        "{} archives verified, {} of {} artifacts downloaded",
+        1 + sources.repositories.len(),
+        sources.artifacts.iter().filter(|a| a.downloaded).count(),
+        sources.artifacts.len()
+    ));
     let epoch = match std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .filter(|v| !v.is_empty())
@@ -131,9 +146,9 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         Some(v) => v
             .parse()
             .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number"))?,
-        None => release
-            .as_ref()
-            .map(|r| r.1)
+        None => sources
+            .base
+            .inrelease_epoch
             .context("the suite's InRelease has no Date")?,
     };
 
@@ -146,7 +161,7 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
             recipe.mirror()
         ),
     );
-    let outcome = bootstrap::run(&recipe, &tree, &cache, epoch, &step)?;
+    let outcome = bootstrap::run(&recipe, &tree, &cache, epoch, &step, &sources.repositories)?;
     step.done(&format!(
         "{} packages downloaded, {} from the cache",
         outcome.downloaded.len(),
@@ -161,9 +176,12 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         &crate::recipe::template_context(&recipe),
         epoch,
     )?;
+    let artifacts = crate::sources::artifact::install(&tree, &sources.artifacts, epoch)?;
     step.done(&format!(
-        "{} files, {} rendered from templates",
-        applied.files, applied.rendered
+        "{} files, {} rendered from templates, {} artifacts",
+        applied.files,
+        applied.rendered,
+        artifacts.len()
     ));
     crate::interrupt::check()?;
 
@@ -275,12 +293,9 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
             .map(|p| p.display().to_string())
             .collect(),
         source_date_epoch: epoch,
-        archive: manifest::Archive {
-            mirror: recipe.mirror().to_owned(),
-            suite: recipe.base.suite.clone(),
-            inrelease_date: release.as_ref().map(|r| r.0.clone()),
-            inrelease_sha256: Some(hex::encode(Sha256::digest(&inrelease))),
-        },
+        archive: (&sources.base).into(),
+        repositories: sources.repositories.iter().map(|r| (&r.archive).into()).collect(),
+        artifacts,
         kernel,
         kernel_cmdline: cmdline,
         packages,
