@@ -95,6 +95,24 @@ impl Cmd {
         Err(self.failure(out.status, &tail))
     }
 
+    /// Runs the command to completion and returns stdout and stderr together.
+    pub fn output_all(&self) -> Result<String> {
+        tracing::debug!("+ {}", self.display());
+        let out = self
+            .expression()
+            .stderr_to_stdout()
+            .stdout_capture()
+            .unchecked()
+            .run()
+            .with_context(|| format!("starting {} (is it installed?)", self.name()))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(self.failure(out.status, &text.lines().map(str::to_owned).collect()))
+        }
+    }
+
     /// Runs the command, handing each line it prints (stdout and stderr merged) to `each`.
     pub fn run_lines(&self, mut each: impl FnMut(&str)) -> Result<()> {
         tracing::debug!("+ {}", self.display());

@@ -46,6 +46,8 @@ pub struct Outcome {
     pub downloaded: Vec<String>,
     /// Package files that came from the cache.
     pub cached: usize,
+    /// The whole tree came from the base-tree cache: nothing was bootstrapped.
+    pub cache_hit: bool,
 }
 
 pub fn packages(recipe: &Recipe) -> Vec<String> {
@@ -171,7 +173,7 @@ pub fn run(
         .collect();
     let cached = after.len() - downloaded.len();
     repository::install(tree, repositories, epoch)?;
-    Ok(Outcome { downloaded, cached })
+    Ok(Outcome { downloaded, cached, cache_hit: false })
 }
 
 /// The suite's `InRelease`, fetched before bootstrapping: it tells "unknown suite" from

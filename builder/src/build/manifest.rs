@@ -26,6 +26,8 @@ pub struct Manifest<'a> {
     pub kernel: String,
     pub kernel_cmdline: String,
     pub packages: Vec<Package>,
+    /// The base tree's cache key, and whether this build took it from the cache.
+    pub base_tree: BaseTree,
     pub downloaded_packages: usize,
     pub cached_packages: usize,
     pub sizes: Sizes,
@@ -59,6 +61,12 @@ impl From<&VerifiedArchive> for Archive {
             signed_by: v.signed_by.clone(),
         }
     }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BaseTree {
+    pub key: String,
+    pub cache_hit: bool,
 }
 
 #[derive(Debug, Serialize)]

@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod overlay;
 pub mod scratch;
 mod steps;
+mod validate;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,13 @@ pub struct BuildArgs {
     /// Install missing host packages with apt-get first (as root), for every command.
     #[arg(long)]
     pub install_tools: bool,
+    /// Bootstrap afresh: neither use nor fill the cache of base trees.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print the mmdebstrap command that bootstraps the recipe's packages into DIR, without
+    /// the package cache, and exit (to reproduce or benchmark the bootstrap by hand).
+    #[arg(long, value_name = "DIR")]
+    pub print_bootstrap: Option<PathBuf>,
 }
 
 pub fn default_cache_dir() -> PathBuf {
@@ -79,6 +87,12 @@ pub struct Built {
 }
 
 pub fn run(args: &BuildArgs) -> Result<()> {
+    if let Some(dir) = &args.print_bootstrap {
+        let recipe = Recipe::load(&args.recipe)?;
+        let epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        println!("{}", bootstrap::command(&recipe, dir, None, epoch).display());
+        return Ok(());
+    }
     let built = build(args).map_err(explain_disk_full)?;
     for p in [
         built.qcow2.as_ref(),
@@ -152,6 +166,10 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
             .context("the suite's InRelease has no Date")?,
     };
 
+    // The bootstrapped tree is cached under a key of everything that decides it; a hit skips
+    // mmdebstrap entirely and the later steps start from a copy of the cached tree.
+    let base_cache = crate::cache::BaseCache::new(&cache);
+    let base_key = base_key(&recipe, &sources, epoch)?;
     let step = steps.start(
         "bootstrap",
         &format!(
@@ -161,12 +179,31 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
             recipe.mirror()
         ),
     );
-    let outcome = bootstrap::run(&recipe, &tree, &cache, epoch, &step, &sources.repositories)?;
-    step.done(&format!(
-        "{} packages downloaded, {} from the cache",
-        outcome.downloaded.len(),
-        outcome.cached
-    ));
+    let _key_lock = if args.no_cache { None } else { Some(base_cache.lock(&base_key)?) };
+    let outcome = if !args.no_cache && base_cache.restore(&base_key, &tree)? {
+        step.done(&format!("base tree {} from the cache", crate::cache::short(&base_key)));
+        bootstrap::Outcome { cache_hit: true, ..Default::default() }
+    } else {
+        let outcome = bootstrap::run(&recipe, &tree, &cache, epoch, &step, &sources.repositories)?;
+        if !args.no_cache {
+            step.note("storing the base tree in the cache");
+            let label = format!(
+                "{} {} ({} packages, {})",
+                recipe.base.distribution,
+                recipe.base.suite,
+                bootstrap::packages(&recipe).len(),
+                recipe.name
+            );
+            base_cache.store(&base_key, &tree, &label)?;
+        }
+        step.done(&format!(
+            "{} packages downloaded, {} from the cache",
+            outcome.downloaded.len(),
+            outcome.cached
+        ));
+        outcome
+    };
+    drop(_key_lock);
     crate::interrupt::check()?;
 
     let step = steps.start("overlays", &format!("{} overlays", recipe.overlays.len()));
@@ -177,6 +214,7 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         epoch,
     )?;
     let artifacts = crate::sources::artifact::install(&tree, &sources.artifacts, epoch)?;
+    validate::run(&tree, &recipe)?;
     step.done(&format!(
         "{} files, {} rendered from templates, {} artifacts",
         applied.files,
@@ -201,6 +239,7 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     )?;
     let step = steps.start("finalize", "making the tree clone-ready");
     finalize::run(&tree, &recipe, &layout)?;
+    finalize::clamp_times(&tree, epoch)?;
     let packages = manifest::installed_packages(&tree)?;
     step.done(&format!("{} packages installed", packages.len()));
     crate::interrupt::check()?;
@@ -299,6 +338,7 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         kernel,
         kernel_cmdline: cmdline,
         packages,
+        base_tree: manifest::BaseTree { key: base_key.clone(), cache_hit: outcome.cache_hit },
         downloaded_packages: outcome.downloaded.len(),
         cached_packages: outcome.cached,
         sizes: manifest::Sizes {
@@ -332,6 +372,31 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         manifest: man_path,
         downloaded: outcome.downloaded.len(),
     })
+}
+
+/// The key of the base tree: everything that decides what mmdebstrap produces.
+fn base_key(recipe: &Recipe, sources: &crate::sources::Sources, epoch: i64) -> Result<String> {
+    let base = serde_json::to_vec(&recipe.base)?;
+    let kernel = recipe.kernel.package.as_bytes();
+    let packages = bootstrap::packages(recipe).join(",");
+    let keyring = fs_err::read(&recipe.base.keyring)?;
+    let epoch = epoch.to_string();
+    let mut inputs: Vec<(String, Vec<u8>)> = vec![
+        ("base".into(), base),
+        ("kernel".into(), kernel.to_vec()),
+        ("packages".into(), packages.into_bytes()),
+        ("keyring".into(), keyring),
+        ("inrelease".into(), sources.base.inrelease_sha256.clone().into_bytes()),
+        ("epoch".into(), epoch.into_bytes()),
+    ];
+    for repo in &sources.repositories {
+        let name = &repo.archive.name;
+        inputs.push((format!("repo:{name}"), serde_json::to_vec(&repo.repository)?));
+        inputs.push((format!("repo:{name}:key"), repo.keyring.clone()));
+        inputs.push((format!("repo:{name}:inrelease"), repo.archive.inrelease_sha256.clone().into_bytes()));
+    }
+    let borrowed: Vec<(&str, &[u8])> = inputs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    Ok(crate::cache::key(&borrowed))
 }
 
 fn file_name(p: &Path) -> String {
