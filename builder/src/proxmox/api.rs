@@ -23,15 +23,26 @@ pub enum ApiError {
     )]
     Forbidden { what: String, message: String },
     #[error("{what} was rejected: {}", format_params(.errors))]
-    BadParams { what: String, errors: Vec<(String, String)> },
+    BadParams {
+        what: String,
+        errors: Vec<(String, String)>,
+    },
     #[error("{what} is not implemented by this server (501: {message})")]
     NotImplemented { what: String, message: String },
     #[error("{what} failed ({status}): {message}")]
-    Other { what: String, status: u16, message: String },
+    Other {
+        what: String,
+        status: u16,
+        message: String,
+    },
 }
 
 fn format_params(errors: &[(String, String)]) -> String {
-    errors.iter().map(|(k, v)| format!("{k}: {}", v.trim())).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", v.trim()))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 pub struct Api {
@@ -68,18 +79,31 @@ impl Api {
                     .await
                     .with_context(|| format!("connecting to {}", conn.base))?;
                 let data = envelope(resp, "logging in (POST /access/ticket)").await?;
-                let ticket = data["ticket"].as_str().context("login answer without a ticket")?;
+                let ticket = data["ticket"]
+                    .as_str()
+                    .context("login answer without a ticket")?;
                 let csrf = data["CSRFPreventionToken"]
                     .as_str()
                     .context("login answer without a CSRF token")?;
                 let cookie = format!(
                     "PVEAuthCookie={}",
-                    percent_encoding::utf8_percent_encode(ticket, percent_encoding::NON_ALPHANUMERIC)
+                    percent_encoding::utf8_percent_encode(
+                        ticket,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
                 );
-                Header::Ticket { cookie, csrf: csrf.to_string() }
+                Header::Ticket {
+                    cookie,
+                    csrf: csrf.to_string(),
+                }
             }
         };
-        Ok(Api { http, base: conn.base, auth, task_timeout: conn.task_timeout })
+        Ok(Api {
+            http,
+            base: conn.base,
+            auth,
+            task_timeout: conn.task_timeout,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -98,14 +122,22 @@ impl Api {
             Header::Token(h) => rb.header("Authorization", h),
             Header::Ticket { cookie, csrf } => {
                 let rb = rb.header("Cookie", cookie);
-                if write { rb.header("CSRFPreventionToken", csrf) } else { rb }
+                if write {
+                    rb.header("CSRFPreventionToken", csrf)
+                } else {
+                    rb
+                }
             }
         }
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<Value> {
         let what = format!("GET {path}");
-        let resp = self.request(reqwest::Method::GET, path).query(query).send().await;
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .query(query)
+            .send()
+            .await;
         envelope(self.sent(resp)?, &what).await
     }
 
@@ -130,7 +162,10 @@ impl Api {
         form: &[(&str, String)],
     ) -> anyhow::Result<Value> {
         let what = format!("{method} {path}");
-        tracing::debug!("{what} {:?}", form.iter().map(|(k, _)| k).collect::<Vec<_>>());
+        tracing::debug!(
+            "{what} {:?}",
+            form.iter().map(|(k, _)| k).collect::<Vec<_>>()
+        );
         let resp = self.request(method, path).form(form).send().await;
         envelope(self.sent(resp)?, &what).await
     }
@@ -139,7 +174,14 @@ impl Api {
         &self,
         resp: Result<reqwest::Response, reqwest::Error>,
     ) -> anyhow::Result<reqwest::Response> {
-        resp.map_err(|e| anyhow::Error::new(e).context(format!("connecting to {}", self.base)))
+        resp.map_err(|e| {
+            let tls = tls::explain(&e);
+            let err = anyhow::Error::new(e).context(format!("connecting to {}", self.base));
+            match tls {
+                Some(why) => err.context(why),
+                None => err,
+            }
+        })
     }
 
     /// Waits for a task to stop, polling its status until the deadline. A failed task's error
@@ -150,15 +192,24 @@ impl Api {
         let path = format!("/nodes/{node}/tasks/{enc}/status");
         let mut delay = Duration::from_millis(200);
         loop {
-            let status = self.get(&path, &[]).await.with_context(|| format!("{what}: polling task"))?;
+            let status = self
+                .get(&path, &[])
+                .await
+                .with_context(|| format!("{what}: polling task"))?;
             if status["status"] == "stopped" {
-                let exit = status["exitstatus"].as_str().unwrap_or("unknown").to_string();
+                let exit = status["exitstatus"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_string();
                 if exit == "OK" || exit.starts_with("WARNINGS") {
                     tracing::debug!("{what}: task {upid} {exit} in {:.1?}", started.elapsed());
                     return Ok(());
                 }
                 let log = self.task_log_tail(node, upid, 10).await.unwrap_or_default();
-                bail!("{what} failed: {exit}\n  task {upid}, last log lines:\n    {}", log.join("\n    "));
+                bail!(
+                    "{what} failed: {exit}\n  task {upid}, last log lines:\n    {}",
+                    log.join("\n    ")
+                );
             }
             if started.elapsed() > self.task_timeout {
                 bail!(
@@ -174,7 +225,12 @@ impl Api {
 
     async fn task_log_tail(&self, node: &str, upid: &str, n: usize) -> anyhow::Result<Vec<String>> {
         let enc = percent_encoding::utf8_percent_encode(upid, percent_encoding::NON_ALPHANUMERIC);
-        let log = self.get(&format!("/nodes/{node}/tasks/{enc}/log"), &[("limit", "500")]).await?;
+        let log = self
+            .get(
+                &format!("/nodes/{node}/tasks/{enc}/log"),
+                &[("limit", "500")],
+            )
+            .await?;
         let lines: Vec<String> = log
             .as_array()
             .into_iter()
@@ -204,7 +260,10 @@ impl Api {
 pub async fn envelope(resp: reqwest::Response, what: &str) -> anyhow::Result<Value> {
     let status = resp.status();
     let reason = status.canonical_reason().unwrap_or("").to_string();
-    let text = resp.text().await.with_context(|| format!("{what}: reading the answer"))?;
+    let text = resp
+        .text()
+        .await
+        .with_context(|| format!("{what}: reading the answer"))?;
     if status.is_success() {
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{what}: the answer is not JSON: {:.200}", text))?;
@@ -218,7 +277,10 @@ pub async fn envelope(resp: reqwest::Response, what: &str) -> anyhow::Result<Val
         .unwrap_or_else(|| text.trim().to_string());
     let what = what.to_string();
     let err = match status.as_u16() {
-        401 => ApiError::Unauthorized { what, reason: if message.is_empty() { reason } else { message } },
+        401 => ApiError::Unauthorized {
+            what,
+            reason: if message.is_empty() { reason } else { message },
+        },
         403 => ApiError::Forbidden { what, message },
         400 => {
             let errors = json
@@ -233,7 +295,11 @@ pub async fn envelope(resp: reqwest::Response, what: &str) -> anyhow::Result<Val
             ApiError::BadParams { what, errors }
         }
         501 => ApiError::NotImplemented { what, message },
-        s => ApiError::Other { what, status: s, message },
+        s => ApiError::Other {
+            what,
+            status: s,
+            message,
+        },
     };
     Err(err.into())
 }
@@ -241,8 +307,8 @@ pub async fn envelope(resp: reqwest::Response, what: &str) -> anyhow::Result<Val
 /// Whether an error is the connection failing (worth retrying an upload), not an answer.
 pub fn is_transport(err: &anyhow::Error) -> bool {
     err.chain().any(|e| {
-        e.downcast_ref::<reqwest::Error>().is_some_and(|r| r.is_request() || r.is_body() || r.is_connect())
+        e.downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_request() || r.is_body() || r.is_connect())
             || e.downcast_ref::<std::io::Error>().is_some()
     })
 }
-

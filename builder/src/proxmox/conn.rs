@@ -85,13 +85,16 @@ pub fn load_profile(name: Option<&str>) -> anyhow::Result<Profile> {
     };
     if !path.exists() {
         if let Some(name) = name {
-            bail!("--profile {name}: there is no profile file {}", path.display());
+            bail!(
+                "--profile {name}: there is no profile file {}",
+                path.display()
+            );
         }
         return Ok(Profile::default());
     }
     let text = fs_err::read_to_string(&path)?;
-    let mut tables: BTreeMap<String, Profile> =
-        toml::from_str(&text).with_context(|| format!("reading profile file {}", path.display()))?;
+    let mut tables: BTreeMap<String, Profile> = toml::from_str(&text)
+        .with_context(|| format!("reading profile file {}", path.display()))?;
     let wanted = name.unwrap_or("default");
     match tables.remove(wanted) {
         Some(p) => Ok(p),
@@ -136,7 +139,10 @@ pub fn parse_url(text: &str) -> anyhow::Result<url::Url> {
         bail!("--url {text:?} needs an https:// scheme and a host: {hint}");
     }
     if url.path().trim_end_matches('/') != "/api2/json" {
-        bail!("--url {text:?} must end in /api2/json (got path {:?}): {hint}", url.path());
+        bail!(
+            "--url {text:?} must end in /api2/json (got path {:?}): {hint}",
+            url.path()
+        );
     }
     let mut url = url;
     url.set_path("/api2/json");
@@ -148,7 +154,9 @@ pub fn check_token_id(id: &str) -> anyhow::Result<()> {
     let ok = id.split_once('!').is_some_and(|(user, token)| {
         user.contains('@')
             && !token.is_empty()
-            && token.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     });
     if !ok {
         bail!(
@@ -180,16 +188,20 @@ impl ConnectArgs {
 
         let user = self.user.clone().or(profile.user.clone());
         let token_id = self.token_id.clone().or(profile.token_id.clone());
-        let auth = match (token_id, user) {
-            (Some(id), _) if self.user.is_none() => {
-                check_token_id(&id)?;
-                let file = self.token_secret_file.clone().or(profile.token_secret_file.clone());
-                let var = profile
-                    .token_secret_env
-                    .clone()
-                    .filter(|_| self.token_secret_env == "PROXMOX_TOKEN_SECRET")
-                    .unwrap_or_else(|| self.token_secret_env.clone());
-                let secret = match file {
+        let auth =
+            match (token_id, user) {
+                (Some(id), _) if self.user.is_none() => {
+                    check_token_id(&id)?;
+                    let file = self
+                        .token_secret_file
+                        .clone()
+                        .or(profile.token_secret_file.clone());
+                    let var = profile
+                        .token_secret_env
+                        .clone()
+                        .filter(|_| self.token_secret_env == "PROXMOX_TOKEN_SECRET")
+                        .unwrap_or_else(|| self.token_secret_env.clone());
+                    let secret = match file {
                     Some(f) => read_secret_file(&f, "token secret")?,
                     None => std::env::var(&var).ok().filter(|s| !s.is_empty()).with_context(|| {
                         format!(
@@ -198,35 +210,37 @@ impl ConnectArgs {
                         )
                     })?,
                 };
-                Auth::Token { id, secret }
-            }
-            (_, Some(user)) => {
-                if !user.contains('@') {
-                    bail!("--user {user:?} needs a realm: USER@REALM, e.g. root@pam");
+                    Auth::Token { id, secret }
                 }
-                let file = self.password_file.clone().or(profile.password_file.clone());
-                let password = match file {
-                    Some(f) => read_secret_file(&f, "password")?,
-                    None => std::env::var("PROXMOX_PASSWORD")
-                        .ok()
-                        .filter(|s| !s.is_empty())
-                        .with_context(|| {
-                            format!(
-                                "no password for {user}: set PROXMOX_PASSWORD or pass \
+                (_, Some(user)) => {
+                    if !user.contains('@') {
+                        bail!("--user {user:?} needs a realm: USER@REALM, e.g. root@pam");
+                    }
+                    let file = self.password_file.clone().or(profile.password_file.clone());
+                    let password = match file {
+                        Some(f) => read_secret_file(&f, "password")?,
+                        None => std::env::var("PROXMOX_PASSWORD")
+                            .ok()
+                            .filter(|s| !s.is_empty())
+                            .with_context(|| {
+                                format!(
+                                    "no password for {user}: set PROXMOX_PASSWORD or pass \
                                  --password-file"
-                            )
-                        })?,
-                };
-                Auth::Password { user, password }
-            }
-            (None, None) => bail!(
-                "no credentials: pass --token-id USER@REALM!TOKENID (secret in \
+                                )
+                            })?,
+                    };
+                    Auth::Password { user, password }
+                }
+                (None, None) => bail!(
+                    "no credentials: pass --token-id USER@REALM!TOKENID (secret in \
                  PROXMOX_TOKEN_SECRET) or --user USER@REALM (password in PROXMOX_PASSWORD)"
-            ),
-            (Some(_), None) => unreachable!("token id without --user is the first arm"),
-        };
+                ),
+                (Some(_), None) => unreachable!("token id without --user is the first arm"),
+            };
 
-        let trust = if self.insecure || (profile.insecure && self.ca_file.is_none() && self.fingerprint.is_none()) {
+        let trust = if self.insecure
+            || (profile.insecure && self.ca_file.is_none() && self.fingerprint.is_none())
+        {
             Trust::Insecure
         } else if let Some(fp) = self.fingerprint.clone().or(profile.fingerprint.clone()) {
             Trust::Fingerprint(parse_fingerprint(&fp)?)

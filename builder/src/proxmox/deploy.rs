@@ -43,12 +43,26 @@ pub async fn run(args: &DeployArgs, api: &Api, target: &Target) -> anyhow::Resul
     }
     let (template, template_node) = find_template(api, &args.template).await?;
     let vms = api.get("/cluster/resources", &[("type", "vm")]).await?;
-    if let Some(vm) = vms.as_array().into_iter().flatten().find(|v| v["name"] == args.name.as_str()) {
-        bail!("--name {}: a VM of that name exists already (VMID {})", args.name, vm["vmid"]);
+    if let Some(vm) = vms
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == args.name.as_str())
+    {
+        bail!(
+            "--name {}: a VM of that name exists already (VMID {})",
+            args.name,
+            vm["vmid"]
+        );
     }
     let vmid = match args.vmid {
         Some(id) => {
-            if vms.as_array().into_iter().flatten().any(|v| v["vmid"] == id) {
+            if vms
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v["vmid"] == id)
+            {
                 bail!("--vmid {id} is taken: pick another or leave --vmid out");
             }
             id
@@ -65,7 +79,10 @@ pub async fn run(args: &DeployArgs, api: &Api, target: &Target) -> anyhow::Resul
     ];
     api.run_task(
         &template_node,
-        api.post(&format!("/nodes/{template_node}/qemu/{template}/clone"), &clone),
+        api.post(
+            &format!("/nodes/{template_node}/qemu/{template}/clone"),
+            &clone,
+        ),
         &format!("cloning template {template}"),
     )
     .await?;
@@ -83,26 +100,37 @@ pub async fn run(args: &DeployArgs, api: &Api, target: &Target) -> anyhow::Resul
     // Proxmox's own cloud-init drive is dropped; without one, the Cloud-Init keys carry them.
     let seed = match &seed_text {
         Some(text) => {
-            let config = api.get(&format!("/nodes/{node}/qemu/{vmid}/config"), &[]).await?;
-            let network = network_config(config["net0"].as_str().unwrap_or(""), args.ip.as_deref())?;
+            let config = api
+                .get(&format!("/nodes/{node}/qemu/{vmid}/config"), &[])
+                .await?;
+            let network =
+                network_config(config["net0"].as_str().unwrap_or(""), args.ip.as_deref())?;
             Some(attach_seed(api, node, storage, vmid, &args.name, text, &network).await?)
         }
         None => {
             if let Some(ip) = ipconfig {
-                api.put(&format!("/nodes/{node}/qemu/{vmid}/config"), &[("ipconfig0", ip)]).await?;
+                api.put(
+                    &format!("/nodes/{node}/qemu/{vmid}/config"),
+                    &[("ipconfig0", ip)],
+                )
+                .await?;
             }
             None
         }
     };
     let result = start_and_wait(api, node, vmid, args).await;
     // Whatever happened, the secret-bearing ISO goes.
-    if let Some(volid) = &seed {
-        if let Err(e) = remove_seed(api, node, storage, vmid, volid).await {
-            eprintln!("warning: could not remove the seed ISO {volid}: {e:#}; delete it by hand");
-        }
+    if let Some(volid) = &seed
+        && let Err(e) = remove_seed(api, node, storage, vmid, volid).await
+    {
+        eprintln!("warning: could not remove the seed ISO {volid}: {e:#}; delete it by hand");
     }
     result?;
-    eprintln!("{} (VMID {vmid}) is ready, {:.1}s after deploy started", args.name, started.elapsed().as_secs_f64());
+    eprintln!(
+        "{} (VMID {vmid}) is ready, {:.1}s after deploy started",
+        args.name,
+        started.elapsed().as_secs_f64()
+    );
     println!("{vmid}");
     Ok(())
 }
@@ -118,7 +146,10 @@ async fn start_and_wait(api: &Api, node: &str, vmid: u32, args: &DeployArgs) -> 
 
     eprintln!("waiting for the guest agent of VM {vmid}");
     loop {
-        match api.post(&format!("/nodes/{node}/qemu/{vmid}/agent/ping"), &[]).await {
+        match api
+            .post(&format!("/nodes/{node}/qemu/{vmid}/agent/ping"), &[])
+            .await
+        {
             Ok(_) => break,
             Err(e) if agent_not_up(&e) => {}
             Err(e) => return Err(e).context("pinging the guest agent"),
@@ -138,13 +169,19 @@ async fn start_and_wait(api: &Api, node: &str, vmid: u32, args: &DeployArgs) -> 
         match firstboot_status(api, node, vmid).await {
             Ok((0, _)) => return Ok(()),
             // 1: a step failed; waiting longer will not help.
-            Ok((1, out)) => bail!("omni-firstboot on VM {vmid} reports a failed step:\n{}", out.trim()),
+            Ok((1, out)) => bail!(
+                "omni-firstboot on VM {vmid} reports a failed step:\n{}",
+                out.trim()
+            ),
             Ok((code, out)) => last = format!("exit code {code}: {}", out.trim()),
             Err(e) if agent_not_up(&e) => last = "guest agent went away".into(),
             Err(e) => return Err(e).context("asking omni-firstboot for its status"),
         }
         if Instant::now() > deadline {
-            bail!("VM {vmid} did not report ready within {}s (last status: {last})", args.ready_timeout);
+            bail!(
+                "VM {vmid} did not report ready within {}s (last status: {last})",
+                args.ready_timeout
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -153,13 +190,30 @@ async fn start_and_wait(api: &Api, node: &str, vmid: u32, args: &DeployArgs) -> 
 /// Runs `omni-firstboot status` in the guest: exit code 0 means ready, 1 a failed step, 2 not
 /// finished yet.
 async fn firstboot_status(api: &Api, node: &str, vmid: u32) -> anyhow::Result<(i64, String)> {
-    let form = [("command", omni_firstboot::INSTALL_PATH.to_string()), ("command", "status".to_string())];
-    let pid = api.post(&format!("/nodes/{node}/qemu/{vmid}/agent/exec"), &form).await?;
-    let pid = pid["pid"].as_i64().context("agent exec answered no pid")?.to_string();
+    let form = [
+        ("command", omni_firstboot::INSTALL_PATH.to_string()),
+        ("command", "status".to_string()),
+    ];
+    let pid = api
+        .post(&format!("/nodes/{node}/qemu/{vmid}/agent/exec"), &form)
+        .await?;
+    let pid = pid["pid"]
+        .as_i64()
+        .context("agent exec answered no pid")?
+        .to_string();
     for _ in 0..30 {
-        let st = api.get(&format!("/nodes/{node}/qemu/{vmid}/agent/exec-status"), &[("pid", &pid)]).await?;
+        let st = api
+            .get(
+                &format!("/nodes/{node}/qemu/{vmid}/agent/exec-status"),
+                &[("pid", &pid)],
+            )
+            .await?;
         if st["exited"] == true || st["exited"] == 1 {
-            let out = format!("{}{}", st["out-data"].as_str().unwrap_or(""), st["err-data"].as_str().unwrap_or(""));
+            let out = format!(
+                "{}{}",
+                st["out-data"].as_str().unwrap_or(""),
+                st["err-data"].as_str().unwrap_or("")
+            );
             return Ok((st["exitcode"].as_i64().unwrap_or(-1), out));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -182,7 +236,12 @@ async fn find_template(api: &Api, wanted: &str) -> anyhow::Result<(u32, String)>
     let list: Vec<&Value> = vms.as_array().into_iter().flatten().collect();
     let found: Vec<&&Value> = list
         .iter()
-        .filter(|v| v["name"] == wanted || v["vmid"].as_u64().is_some_and(|id| id.to_string() == wanted))
+        .filter(|v| {
+            v["name"] == wanted
+                || v["vmid"]
+                    .as_u64()
+                    .is_some_and(|id| id.to_string() == wanted)
+        })
         .collect();
     match found.as_slice() {
         [] => bail!("no template {wanted}: upload one with `omni-image upload IMAGE`"),
@@ -196,7 +255,10 @@ async fn find_template(api: &Api, wanted: &str) -> anyhow::Result<(u32, String)>
         many => bail!(
             "{wanted} names {} VMs ({}): pass the template's VMID",
             many.len(),
-            many.iter().map(|v| v["vmid"].to_string()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|v| v["vmid"].to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -214,23 +276,48 @@ async fn attach_seed(
     let iso = dir.path().join("seed.iso");
     write_seed_iso(text, network, name, &iso)?;
     let file_name = format!("{name}-{vmid}-seed.iso");
-    let upid = super::upload::upload_with_retries(api, node, storage, "iso", &iso, &file_name, None).await?;
+    let upid =
+        super::upload::upload_with_retries(api, node, storage, "iso", &iso, &file_name, None)
+            .await?;
     api.wait_task(node, &upid, "storing the seed ISO").await?;
     let volid = format!("{storage}:iso/{file_name}");
-    let form = [(SEED_SLOT, format!("{volid},media=cdrom")), ("delete", "ide2".to_string())];
-    if let Err(e) = api.put(&format!("/nodes/{node}/qemu/{vmid}/config"), &form).await {
-        let _ = api.delete(&format!("/nodes/{node}/storage/{storage}/content/{}", enc(&volid))).await;
+    let form = [
+        (SEED_SLOT, format!("{volid},media=cdrom")),
+        ("delete", "ide2".to_string()),
+    ];
+    if let Err(e) = api
+        .put(&format!("/nodes/{node}/qemu/{vmid}/config"), &form)
+        .await
+    {
+        let _ = api
+            .delete(&format!(
+                "/nodes/{node}/storage/{storage}/content/{}",
+                enc(&volid)
+            ))
+            .await;
         return Err(e).context("attaching the seed ISO");
     }
     Ok(volid)
 }
 
-async fn remove_seed(api: &Api, node: &str, storage: &str, vmid: u32, volid: &str) -> anyhow::Result<()> {
+async fn remove_seed(
+    api: &Api,
+    node: &str,
+    storage: &str,
+    vmid: u32,
+    volid: &str,
+) -> anyhow::Result<()> {
     let path = format!("/nodes/{node}/qemu/{vmid}/config");
     // Eject first (applies at once on a running VM), then drop the drive from the config.
-    api.put(&path, &[(SEED_SLOT, "none,media=cdrom".to_string())]).await?;
+    api.put(&path, &[(SEED_SLOT, "none,media=cdrom".to_string())])
+        .await?;
     api.put(&path, &[("delete", SEED_SLOT.to_string())]).await?;
-    let upid = api.delete(&format!("/nodes/{node}/storage/{storage}/content/{}", enc(volid))).await?;
+    let upid = api
+        .delete(&format!(
+            "/nodes/{node}/storage/{storage}/content/{}",
+            enc(volid)
+        ))
+        .await?;
     if let Some(upid) = upid.as_str() {
         api.wait_task(node, upid, "deleting the seed ISO").await?;
     }
@@ -242,7 +329,11 @@ async fn remove_seed(api: &Api, node: &str, storage: &str, vmid: u32, volid: &st
 fn network_config(net0: &str, ip: Option<&str>) -> anyhow::Result<String> {
     let mac = net0
         .split(',')
-        .find_map(|kv| kv.split_once('=').map(|(_, v)| v).filter(|v| v.matches(':').count() == 5))
+        .find_map(|kv| {
+            kv.split_once('=')
+                .map(|(_, v)| v)
+                .filter(|v| v.matches(':').count() == 5)
+        })
         .map(str::to_lowercase)
         .with_context(|| format!("the clone's net0 ({net0:?}) has no MAC address"))?;
     let mut out = format!(
@@ -280,9 +371,16 @@ fn network_config(net0: &str, ip: Option<&str>) -> anyhow::Result<String> {
 /// network, `meta-data` names the instance. Kept behind this one function so
 /// `omni-image seed`'s writer can replace it.
 // TODO: call `crate::seed`'s writer once it has a public one; until then genisoimage.
-pub fn write_seed_iso(user_data: &str, network: &str, hostname: &str, out: &Path) -> anyhow::Result<()> {
+pub fn write_seed_iso(
+    user_data: &str,
+    network: &str,
+    hostname: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
     use sha2::Digest;
-    let dir = tempfile::Builder::new().prefix("omni-seed-tree-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("omni-seed-tree-")
+        .tempdir()?;
     let id = hex::encode(&sha2::Sha256::digest(format!("{user_data}{network}").as_bytes())[..8]);
     fs_err::write(dir.path().join("user-data"), user_data)?;
     fs_err::write(dir.path().join("network-config"), network)?;
@@ -291,7 +389,18 @@ pub fn write_seed_iso(user_data: &str, network: &str, hostname: &str, out: &Path
         format!("instance-id: {hostname}-{id}\nlocal-hostname: {hostname}\n"),
     )?;
     let mut cmd = std::process::Command::new("genisoimage");
-    cmd.args(["-quiet", "-iso-level", "3", "-J", "-R", "-V", "cidata", "-o"]).arg(out).arg(dir.path());
+    cmd.args([
+        "-quiet",
+        "-iso-level",
+        "3",
+        "-J",
+        "-R",
+        "-V",
+        "cidata",
+        "-o",
+    ])
+    .arg(out)
+    .arg(dir.path());
     let output = cmd
         .stdin(std::process::Stdio::null())
         .output()
@@ -323,12 +432,16 @@ fn ipconfig(text: &str) -> anyhow::Result<String> {
         a.parse::<std::net::Ipv4Addr>().is_ok() && l.parse::<u8>().is_ok_and(|l| l <= 32)
     });
     if !valid_cidr {
-        bail!("--ip {text:?}: expected ADDRESS/PREFIX[,gw=GATEWAY], e.g. 192.0.2.10/24,gw=192.0.2.1");
+        bail!(
+            "--ip {text:?}: expected ADDRESS/PREFIX[,gw=GATEWAY], e.g. 192.0.2.10/24,gw=192.0.2.1"
+        );
     }
     let mut out = format!("ip={cidr}");
     for p in parts {
         match p.strip_prefix("gw=") {
-            Some(gw) if gw.parse::<std::net::Ipv4Addr>().is_ok() => out.push_str(&format!(",gw={gw}")),
+            Some(gw) if gw.parse::<std::net::Ipv4Addr>().is_ok() => {
+                out.push_str(&format!(",gw={gw}"))
+            }
             _ => bail!("--ip {text:?}: {p:?} is not gw=ADDRESS"),
         }
     }
@@ -341,7 +454,10 @@ mod tests {
 
     #[test]
     fn ip_flags_become_ipconfig() {
-        assert_eq!(ipconfig("192.0.2.10/24,gw=192.0.2.1").unwrap(), "ip=192.0.2.10/24,gw=192.0.2.1");
+        assert_eq!(
+            ipconfig("192.0.2.10/24,gw=192.0.2.1").unwrap(),
+            "ip=192.0.2.10/24,gw=192.0.2.1"
+        );
         assert!(ipconfig("192.0.2.10").is_err());
         assert!(ipconfig("192.0.2.10/24,gateway=1.2.3.4").is_err());
     }

@@ -63,7 +63,10 @@ impl Image {
                 path.display()
             );
         }
-        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("image.qcow2");
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("image.qcow2");
         let stem = file_name.strip_suffix(".qcow2").unwrap_or(file_name);
         let dir = path.parent().unwrap_or(Path::new("."));
 
@@ -80,7 +83,11 @@ impl Image {
         let sum_path = dir.join(format!("{file_name}.sha256"));
         let sha256 = if sum_path.exists() {
             let text = fs_err::read_to_string(&sum_path)?;
-            let digest = text.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let digest = text
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
             if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
                 bail!(
                     "{} is not in sha256sum format (HEX  FILE): rebuild the image or delete the \
@@ -94,7 +101,13 @@ impl Image {
             sha256_file(path)?
         };
         let name = manifest.name.clone().unwrap_or_else(|| stem.to_string());
-        Ok(Image { path: path.to_path_buf(), size, sha256, manifest, name })
+        Ok(Image {
+            path: path.to_path_buf(),
+            size,
+            sha256,
+            manifest,
+            name,
+        })
     }
 
     /// A short summary for the template's description (Markdown, as the web UI renders it).
@@ -113,7 +126,10 @@ impl Image {
         for (k, v) in &m.sizes {
             d.push_str(&format!("- size {k}: {v}\n"));
         }
-        d.push_str(&format!("- image: {} bytes\n- sha256: {}\n", self.size, self.sha256));
+        d.push_str(&format!(
+            "- image: {} bytes\n- sha256: {}\n",
+            self.size, self.sha256
+        ));
         d
     }
 }
@@ -123,7 +139,9 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-pub use api::ApiError;
 use api::Api;
+pub use api::ApiError;
 use conn::ConnectArgs;
 
 #[derive(Debug, clap::Args)]
@@ -94,11 +94,23 @@ fn target(
     bridge: Option<&String>,
     profile: &conn::Profile,
 ) -> anyhow::Result<Target> {
-    let node = node.clone().or(profile.node.clone()).context("no node: pass --node NODE")?;
-    let storage =
-        storage.clone().or(profile.storage.clone()).context("no storage: pass --storage STORAGE")?;
-    let bridge = bridge.cloned().or(profile.bridge.clone()).unwrap_or_else(|| "vmbr0".into());
-    Ok(Target { node, storage, bridge })
+    let node = node
+        .clone()
+        .or(profile.node.clone())
+        .context("no node: pass --node NODE")?;
+    let storage = storage
+        .clone()
+        .or(profile.storage.clone())
+        .context("no storage: pass --storage STORAGE")?;
+    let bridge = bridge
+        .cloned()
+        .or(profile.bridge.clone())
+        .unwrap_or_else(|| "vmbr0".into());
+    Ok(Target {
+        node,
+        storage,
+        bridge,
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -111,7 +123,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn run_upload(args: &UploadArgs) -> anyhow::Result<()> {
     if !args.image.exists() {
-        bail!("image {} does not exist: build it with `omni-image build RECIPE`", args.image.display());
+        bail!(
+            "image {} does not exist: build it with `omni-image build RECIPE`",
+            args.image.display()
+        );
     }
     let (connection, profile) = args.connect.resolve()?;
     let target = target(&args.node, &args.storage, args.bridge.as_ref(), &profile)?;
@@ -145,7 +160,9 @@ pub(crate) fn enc(segment: &str) -> String {
 async fn check_version(api: &Api) -> anyhow::Result<()> {
     let v = api.get("/version", &[]).await?;
     let version = v["version"].as_str().unwrap_or("0");
-    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (8, 4) {
         bail!(
@@ -159,16 +176,25 @@ async fn check_version(api: &Api) -> anyhow::Result<()> {
 
 async fn check_node(api: &Api, node: &str) -> anyhow::Result<()> {
     let nodes = api.get("/nodes", &[]).await?;
-    let names: Vec<&str> =
-        nodes.as_array().into_iter().flatten().filter_map(|n| n["node"].as_str()).collect();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
     if !names.contains(&node) {
-        bail!("--node {node}: no such node in this cluster (nodes: {})", names.join(", "));
+        bail!(
+            "--node {node}: no such node in this cluster (nodes: {})",
+            names.join(", ")
+        );
     }
     Ok(())
 }
 
 async fn storage_status(api: &Api, node: &str, storage: &str) -> anyhow::Result<Value> {
-    let status = api.get(&format!("/nodes/{node}/storage/{storage}/status"), &[]).await;
+    let status = api
+        .get(&format!("/nodes/{node}/storage/{storage}/status"), &[])
+        .await;
     match status {
         Ok(s) => Ok(s),
         Err(e) => {
@@ -184,8 +210,11 @@ async fn storage_status(api: &Api, node: &str, storage: &str) -> anyhow::Result<
                     .flatten()
                     .filter_map(|s| s["storage"].as_str().map(String::from))
                     .collect();
-                let known =
-                    if names.is_empty() { String::new() } else { format!(" (storages: {})", names.join(", ")) };
+                let known = if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (storages: {})", names.join(", "))
+                };
                 bail!("--storage {storage}: no such storage on node {node}{known}");
             }
             Err(e)
@@ -215,7 +244,10 @@ async fn check_privileges(api: &Api, needs: &[(String, &[&str])]) -> anyhow::Res
             };
         }
         for p in *privs {
-            let has = best.is_some_and(|v| v.get(*p).is_some_and(|x| x.as_u64() == Some(1) || x == true));
+            let has = best.is_some_and(|v| {
+                v.get(*p)
+                    .is_some_and(|x| x.as_u64() == Some(1) || x == true)
+            });
             if !has {
                 bail!(
                     "the API token lacks {p} on {path}: grant it, e.g. `pveum acl modify {path} \

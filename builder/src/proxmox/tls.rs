@@ -37,7 +37,11 @@ pub fn parse_fingerprint(text: &str) -> anyhow::Result<[u8; 32]> {
 }
 
 pub fn format_fingerprint(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -80,7 +84,10 @@ pub fn client_config(trust: &Trust) -> anyhow::Result<rustls::ClientConfig> {
         }
         Trust::Fingerprint(fp) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned { expected: *fp, provider: provider() }))
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                expected: *fp,
+                provider: provider(),
+            }))
             .with_no_client_auth(),
         Trust::Insecure => builder
             .dangerous()
@@ -99,7 +106,6 @@ struct Pinned {
     provider: Arc<CryptoProvider>,
 }
 
-#[derive(Debug)]
 struct FingerprintMismatch {
     presented: String,
     expected: String,
@@ -116,7 +122,59 @@ impl std::fmt::Display for FingerprintMismatch {
     }
 }
 
+// rustls shows the inner error with `Debug`: make that the readable message too.
+impl std::fmt::Debug for FingerprintMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 impl std::error::Error for FingerprintMismatch {}
+
+/// A readable account of a certificate the client refused, if that is what `err` is.
+pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let rustls_err = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(cert)) = rustls_err {
+            return Some(match cert {
+                rustls::CertificateError::Other(other) => other.0.to_string(),
+                rustls::CertificateError::UnknownIssuer => explain_unknown_issuer()?,
+                other => format!(
+                    "the server's certificate was refused ({other:?}): pass --ca-file or \
+                     --fingerprint"
+                ),
+            });
+        }
+        // Connectors may wrap the TLS error in their own types: read the message then.
+        let text = e.to_string();
+        if let Some(start) = text.find("certificate fingerprint mismatch") {
+            let end = text[start..]
+                .find("on the node)")
+                .map(|i| start + i + 12)
+                .unwrap_or(text.len());
+            return Some(text[start..end].to_string());
+        }
+        if text.contains("UnknownIssuer") {
+            return explain_unknown_issuer();
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn explain_unknown_issuer() -> Option<String> {
+    Some(
+        "the server's certificate is not signed by a trusted CA (Proxmox signs its own by \
+         default): pass --ca-file with a copy of the cluster's /etc/pve/pve-root-ca.pem, or \
+         --fingerprint from `pvenode cert info`"
+            .to_string(),
+    )
+}
 
 impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
@@ -131,12 +189,14 @@ impl ServerCertVerifier for Pinned {
         if presented == self.expected {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(FingerprintMismatch {
-                    presented: format_fingerprint(&presented),
-                    expected: format_fingerprint(&self.expected),
-                })),
-            )))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                    FingerprintMismatch {
+                        presented: format_fingerprint(&presented),
+                        expected: format_fingerprint(&self.expected),
+                    },
+                ))),
+            ))
         }
     }
 
@@ -146,7 +206,12 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -155,11 +220,18 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -185,7 +257,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -194,7 +271,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {

@@ -11,14 +11,18 @@ use serde_json::Value;
 
 use super::api::{Api, is_transport};
 use super::image::Image;
-use super::{UploadArgs, Target, enc};
+use super::{Target, UploadArgs, enc};
 
 /// The upload is retried from the start this many times after a connection failure.
 const UPLOAD_ATTEMPTS: u32 = 3;
 
 /// Privileges the whole upload needs, by path.
-const STORAGE_PRIVS: &[&str] =
-    &["Datastore.AllocateTemplate", "Datastore.AllocateSpace", "Datastore.Allocate", "Datastore.Audit"];
+const STORAGE_PRIVS: &[&str] = &[
+    "Datastore.AllocateTemplate",
+    "Datastore.AllocateSpace",
+    "Datastore.Allocate",
+    "Datastore.Audit",
+];
 const VM_PRIVS: &[&str] = &[
     "VM.Allocate",
     "VM.Config.Disk",
@@ -67,14 +71,24 @@ pub async fn run(args: &UploadArgs, api: &Api, target: &Target) -> anyhow::Resul
             human(image.size * 2)
         );
     }
-    super::check_privileges(api, &[(format!("/storage/{storage}"), STORAGE_PRIVS), ("/vms".into(), VM_PRIVS)])
-        .await?;
+    super::check_privileges(
+        api,
+        &[
+            (format!("/storage/{storage}"), STORAGE_PRIVS),
+            ("/vms".into(), VM_PRIVS),
+        ],
+    )
+    .await?;
 
     // Idempotency: the template's tag carries the image's checksum.
     let tag = tag_for(&image.sha256);
     let vms = api.get("/cluster/resources", &[("type", "vm")]).await?;
-    let same_name: Vec<&Value> =
-        vms.as_array().into_iter().flatten().filter(|v| v["name"] == name.as_str()).collect();
+    let same_name: Vec<&Value> = vms
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["name"] == name.as_str())
+        .collect();
     let mut replaced = None;
     for vm in &same_name {
         let vmid = vm["vmid"].as_u64().unwrap_or(0);
@@ -82,8 +96,13 @@ pub async fn run(args: &UploadArgs, api: &Api, target: &Target) -> anyhow::Resul
         let is_template = vm["template"].as_u64() == Some(1);
         if is_template && tags.split([';', ',', ' ']).any(|t| t == tag) {
             let vnode = vm["node"].as_str().unwrap_or(node);
-            let config = api.get(&format!("/nodes/{vnode}/qemu/{vmid}/config"), &[]).await?;
-            if config["description"].as_str().is_some_and(|d| d.contains(&image.sha256)) {
+            let config = api
+                .get(&format!("/nodes/{vnode}/qemu/{vmid}/config"), &[])
+                .await?;
+            if config["description"]
+                .as_str()
+                .is_some_and(|d| d.contains(&image.sha256))
+            {
                 eprintln!("template {name} (VMID {vmid}) already holds this image; nothing to do");
                 println!("{vmid}");
                 return Ok(());
@@ -104,7 +123,12 @@ pub async fn run(args: &UploadArgs, api: &Api, target: &Target) -> anyhow::Resul
 
     let vmid = match args.vmid {
         Some(id) => {
-            if let Some(vm) = vms.as_array().into_iter().flatten().find(|v| v["vmid"] == id) {
+            if let Some(vm) = vms
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["vmid"] == id)
+            {
                 bail!(
                     "--vmid {id} is taken by {} on {}: pick another or leave --vmid out",
                     vm["name"].as_str().unwrap_or("a VM"),
@@ -119,21 +143,47 @@ pub async fn run(args: &UploadArgs, api: &Api, target: &Target) -> anyhow::Resul
     // Upload under a name unique to this image, so two uploads never overwrite each other.
     let file_name = format!("{name}-{}.qcow2", &image.sha256[..12]);
     let volid = format!("{storage}:import/{file_name}");
-    eprintln!("uploading {} ({}) to {storage} on {node}", image.path.display(), human(image.size));
+    eprintln!(
+        "uploading {} ({}) to {storage} on {node}",
+        image.path.display(),
+        human(image.size)
+    );
     let upload_started = Instant::now();
-    let upid = upload_with_retries(api, node, storage, "import", &image.path, &file_name, Some(&image.sha256))
-        .await?;
-    api.wait_task(node, &upid, "importing the upload (checksum, qemu-img info)").await?;
+    let upid = upload_with_retries(
+        api,
+        node,
+        storage,
+        "import",
+        &image.path,
+        &file_name,
+        Some(&image.sha256),
+    )
+    .await?;
+    api.wait_task(
+        node,
+        &upid,
+        "importing the upload (checksum, qemu-img info)",
+    )
+    .await?;
     let secs = upload_started.elapsed().as_secs_f64();
-    eprintln!("uploaded in {secs:.1}s ({:.0} MiB/s)", image.size as f64 / secs / (1 << 20) as f64);
+    eprintln!(
+        "uploaded in {secs:.1}s ({:.0} MiB/s)",
+        image.size as f64 / secs / (1 << 20) as f64
+    );
 
     // From here on, a failure removes what was made: no half-made template stays behind.
     let result = make_template(api, args, target, &image, &name, vmid, &volid, &tag).await;
-    let cleanup = api.delete(&format!("/nodes/{node}/storage/{storage}/content/{}", enc(&volid))).await;
+    let cleanup = api
+        .delete(&format!(
+            "/nodes/{node}/storage/{storage}/content/{}",
+            enc(&volid)
+        ))
+        .await;
     match cleanup {
         Ok(upid) => {
             if let Some(upid) = upid.as_str() {
-                api.wait_task(node, upid, "removing the uploaded file").await?;
+                api.wait_task(node, upid, "removing the uploaded file")
+                    .await?;
             }
         }
         Err(e) => tracing::warn!("removing {volid}: {e:#}"),
@@ -152,7 +202,10 @@ pub async fn run(args: &UploadArgs, api: &Api, target: &Target) -> anyhow::Resul
         .await?;
         eprintln!("replaced template VMID {old}");
     }
-    eprintln!("template {name} is VMID {vmid} ({:.1}s)", started.elapsed().as_secs_f64());
+    eprintln!(
+        "template {name} is VMID {vmid} ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
     println!("{vmid}");
     Ok(())
 }
@@ -184,7 +237,10 @@ async fn make_template(
         ("bios", "ovmf".into()),
         ("efidisk0", format!("{st}:1,efitype=4m,pre-enrolled-keys=0")),
         ("scsihw", "virtio-scsi-single".into()),
-        ("scsi0", format!("{st}:0,import-from={volid},discard=on,iothread=1")),
+        (
+            "scsi0",
+            format!("{st}:0,import-from={volid},discard=on,iothread=1"),
+        ),
         ("ide2", format!("{st}:cloudinit")),
         ("serial0", "socket".into()),
         ("vga", "serial0".into()),
@@ -197,8 +253,12 @@ async fn make_template(
         ("tags", tags.join(";")),
         ("description", image.description()),
     ];
-    api.run_task(node, api.post(&format!("/nodes/{node}/qemu"), &params), &format!("creating VM {vmid}"))
-        .await?;
+    api.run_task(
+        node,
+        api.post(&format!("/nodes/{node}/qemu"), &params),
+        &format!("creating VM {vmid}"),
+    )
+    .await?;
     api.run_task(
         node,
         api.post(&format!("/nodes/{node}/qemu/{vmid}/template"), &[]),
@@ -209,12 +269,17 @@ async fn make_template(
 
 fn valid_tag(t: &str) -> bool {
     let mut chars = t.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || "_-+.".contains(c))
 }
 
 pub async fn destroy(api: &Api, node: &str, vmid: u32) -> anyhow::Result<()> {
-    let exists = api.get(&format!("/nodes/{node}/qemu/{vmid}/config"), &[]).await.is_ok();
+    let exists = api
+        .get(&format!("/nodes/{node}/qemu/{vmid}/config"), &[])
+        .await
+        .is_ok();
     if exists {
         api.run_task(
             node,
@@ -252,7 +317,10 @@ pub async fn upload_with_retries(
             }
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!("uploading {} to {storage} (attempt {attempt})", path.display())
+                    format!(
+                        "uploading {} to {storage} (attempt {attempt})",
+                        path.display()
+                    )
                 });
             }
         }
@@ -271,33 +339,44 @@ async fn upload_once(
     file_name: &str,
     sha256: Option<&str>,
 ) -> anyhow::Result<String> {
-    let file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().await?.len();
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |chunk| {
-        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-    });
-    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), size)
-        .file_name(file_name.to_string())
-        .mime_str("application/octet-stream")?;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |chunk| {
+            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        });
+    let part =
+        reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), size)
+            .file_name(file_name.to_string())
+            .mime_str("application/octet-stream")?;
     let mut form = reqwest::multipart::Form::new().text("content", content.to_string());
     if let Some(sum) = sha256 {
-        form = form.text("checksum-algorithm", "sha256").text("checksum", sum.to_string());
+        form = form
+            .text("checksum-algorithm", "sha256")
+            .text("checksum", sum.to_string());
     }
     let form = form.part("filename", part);
 
     let progress = Progress::start(size, sent);
     let what = format!("POST /nodes/{node}/storage/{storage}/upload");
     let resp = api
-        .request(reqwest::Method::POST, &format!("/nodes/{node}/storage/{storage}/upload"))
+        .request(
+            reqwest::Method::POST,
+            &format!("/nodes/{node}/storage/{storage}/upload"),
+        )
         .multipart(form)
         .send()
         .await;
     progress.finish();
     let resp = api.sent(resp)?;
     let data = super::api::envelope(resp, &what).await?;
-    data.as_str().map(String::from).context("the upload answer holds no task id")
+    data.as_str()
+        .map(String::from)
+        .context("the upload answer holds no task id")
 }
 
 /// A progress bar on a terminal, a line every 10 s otherwise.

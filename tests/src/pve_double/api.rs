@@ -883,9 +883,9 @@ fn uuid_like() -> String {
 }
 
 fn human_size(bytes: u64) -> String {
-    if bytes % (1 << 30) == 0 {
+    if bytes.is_multiple_of(1 << 30) {
         format!("{}G", bytes >> 30)
-    } else if bytes % (1 << 20) == 0 {
+    } else if bytes.is_multiple_of(1 << 20) {
         format!("{}M", bytes >> 20)
     } else {
         format!("{}K", bytes.div_ceil(1024))
@@ -953,13 +953,11 @@ fn update_config(shared: &Arc<Shared>, p: &P, caller: &Caller) -> Answer {
             && k.starts_with("ide")
             && v[0].starts_with("none")
             && v[0].contains("media=cdrom")
+            && let Some(proc_) = &vm.process
+            && let Err(e) =
+                proc_.qmp(json!({"execute": "eject", "arguments": {"id": k, "force": true}}))
         {
-            if let Some(proc_) = &vm.process
-                && let Err(e) =
-                    proc_.qmp(json!({"execute": "eject", "arguments": {"id": k, "force": true}}))
-            {
-                return fail(500, format!("unable to eject {k}: {e}"));
-            }
+            return fail(500, format!("unable to eject {k}: {e}"));
         }
         vm.config.insert(k.clone(), v[0].clone());
     }
@@ -1292,6 +1290,7 @@ fn destroy_vm(shared: &Arc<Shared>, p: &P, caller: &Caller) -> Answer {
                     !mine
                 });
             }
+            drop(inner);
             ctx.log(format!("destroyed VM {id}"));
             Ok(())
         },

@@ -28,6 +28,7 @@
 //! stall timeout of the upload parser, named formats other than those in
 //! [`schema::check_named_format`], md5/sha1 upload checksums, ticket expiry and TFA.
 
+pub mod client;
 pub mod schema;
 pub mod upload;
 pub mod vm;
@@ -566,9 +567,6 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Answer, s
         ));
     }
     let has_body = method == "POST" || method == "PUT";
-    if has_body && header("content-length").is_none() {
-        return Ok(Answer::NotImplemented("no content-length header".into()));
-    }
 
     let found = shared.schema.find(&method, &segments);
     let Ok(endpoint) = found else {
@@ -610,6 +608,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Answer, s
         None => return Ok(fail(400, "invalid query string")),
     };
     let is_upload = schema_path == "/nodes/{node}/storage/{storage}/upload";
+    // The upload parser needs the body's length up front.
+    if is_upload && header("content-length").is_none() {
+        return Ok(Answer::NotImplemented(
+            "upload without Content-Length".into(),
+        ));
+    }
     let mut upload = None;
     if is_upload {
         let abort = if shared

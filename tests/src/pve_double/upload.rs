@@ -62,10 +62,28 @@ enum State {
 }
 
 /// Streams a multipart body into a spool file under `spool_dir`. `abort_after` makes the
-/// double drop the connection after that many body bytes (a fault for retry tests).
+/// double drop the connection after that many body bytes (a fault for retry tests). A refused
+/// body is read to its end before the answer goes out, so the client sees the answer rather
+/// than a reset.
 pub async fn receive(
     content_type: Option<&str>,
-    body: Incoming,
+    mut body: Incoming,
+    spool_dir: &Path,
+    started: Instant,
+    abort_after: Option<u64>,
+) -> Result<Upload, Refusal> {
+    let result = parse(content_type, &mut body, spool_dir, started, abort_after).await;
+    if let Err(r) = &result
+        && !r.aborted
+    {
+        while let Some(Ok(_)) = body.frame().await {}
+    }
+    result
+}
+
+async fn parse(
+    content_type: Option<&str>,
+    body: &mut Incoming,
     spool_dir: &Path,
     started: Instant,
     abort_after: Option<u64>,
@@ -97,7 +115,6 @@ pub async fn receive(
     // Starting with CRLF lets the first boundary match the same delimiter as the others.
     let mut buf = BytesMut::from(&b"\r\n"[..]);
     let mut state = State::Preamble;
-    let mut body = body;
 
     loop {
         // Parse as much as the buffer allows.

@@ -353,8 +353,7 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
             };
             cmd.arg("-device")
                 .arg(format!("ide-cd,bus=ide.{unit},drive=drive-{key},id={key}"));
-        } else if key.starts_with("net") {
-            let n = &key[3..];
+        } else if let Some(n) = key.strip_prefix("net") {
             let mac = parts
                 .iter()
                 .find(|(k, v)| k.is_some() && v.contains(':'))
