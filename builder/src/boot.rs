@@ -256,6 +256,9 @@ impl Attempt<'_> {
                 self.drive_format,
                 if self.snapshot { ",snapshot=on" } else { "" }
             ))
+            // An entropy source, as Proxmox's rng0 gives: without one a guest under TCG can wait
+            // seconds for its random pool before the first SSH host key can be made.
+            .args(["-device", "virtio-rng-pci"])
             .args(["-netdev", "user,id=n0"])
             .args([
                 "-device",
