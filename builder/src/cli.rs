@@ -33,6 +33,8 @@ pub enum Command {
     Cache(crate::cache::cli::CacheArgs),
     /// Check that every host tool a command needs is installed, and install what is missing.
     Setup(SetupArgs),
+    /// Print the Tailscale ACL grant tsidp needs, as HuJSON to paste into the policy file.
+    Acl(crate::acl::AclArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Diff(args) => crate::diff::run(&args),
         Command::Cache(args) => crate::cache::cli::run(&args),
         Command::Setup(args) => crate::hosttools::setup(args.for_command, args.install),
+        Command::Acl(args) => crate::acl::run(&args),
     }
 }
 

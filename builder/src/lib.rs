@@ -5,6 +5,7 @@
 //! distribution packages, lay overlays over it, install the first-boot agent, make the tree
 //! clone-ready, and assemble a GPT + UEFI disk without loop devices or mounts.
 
+pub mod acl;
 pub mod boot;
 pub mod build;
 pub mod cache;

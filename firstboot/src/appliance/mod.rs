@@ -354,6 +354,8 @@ pub fn apply(root: &Root, image: Option<Appliance>, value: Option<&Value>) -> Re
                 let applied = omni::apply(root, s)?;
                 out.written = applied.written;
                 out.notes.extend(applied.notes);
+                out.missing.extend(applied.missing);
+                out.findings.invalid.extend(applied.invalid);
                 if s.provider.is_none() && !root.join(omni::PROVIDER_ENV).exists() {
                     out.missing.push(format!(
                         "{prefix}.provider (the Proxmox provider stays off)"

@@ -2,20 +2,25 @@
 //!
 //! | file | mode | read by | holds |
 //! |---|---|---|---|
-//! | `omni.env` | 0600 | `omni` service (`env_file`) | account id, name, users, EULA, OIDC |
-//! | `tailscale.env` | 0600 | `omni-tailscale` sidecar | `TS_AUTHKEY`, `TS_HOSTNAME` |
+//! | `omni.env` | 0600 | Compose (`--env-file`) | the project's variables: account id, name, users, EULA, OIDC issuer and client id, endpoints |
+//! | `omni.yaml` | 0600 | `omni`, mounted at `/omni.yaml` (`--config-path`) | the OIDC client secret |
+//! | `tailscale.env` | 0600 | `omni-tailscale` sidecar (`env_file`) | `TS_AUTHKEY`, `TS_HOSTNAME` |
 //! | `omni.asc` | 0600 | `omni`, mounted at `/omni.asc` | etcd encryption key |
-//! | `provider.env` | 0600 | `proxmox-provider` | `PROVIDER_ID`, `OMNI_SERVICE_ACCOUNT_KEY` |
+//! | `provider.env` | 0600 | `proxmox-provider` (`env_file`) | `PROVIDER_ID`, `OMNI_SERVICE_ACCOUNT_KEY` |
 //! | `provider.yaml` | 0600 | `proxmox-provider`, mounted at `/config.yaml` | Proxmox API |
-//! | `proxmox-ca.pem` | 0644 | `proxmox-provider` | the Proxmox CA, when given |
+//! | `proxmox-ca/proxmox-ca.pem` | 0644 | `proxmox-provider` | the Proxmox CA, when given |
 //!
 //! All are owned by root (Docker reads them). The stack's files are written only when every
-//! required key is valid; the provider's only when its block is complete.
+//! required key is valid and the LAN address Talos machines dial is known; the provider's
+//! only when its block is complete. The written project is then checked with the image's
+//! own `docker compose config` (see [`compose`]).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde_yaml_ng::Value;
+
+pub mod compose;
 
 use super::{Findings, Reader, envfile, etcdkey, is_dns_name, is_email, is_https_url};
 use crate::config::Secret;
@@ -24,11 +29,20 @@ use crate::fsutil::{self, Owner, Root};
 /// The folder the Compose project reads its secrets from.
 pub const DIR: &str = "/etc/omni";
 pub const OMNI_ENV: &str = "/etc/omni/omni.env";
+/// Omni's own configuration file: what must not be a flag (the OIDC client secret).
+pub const OMNI_CONFIG: &str = "/etc/omni/omni.yaml";
 pub const TAILSCALE_ENV: &str = "/etc/omni/tailscale.env";
 pub const ETCD_KEY: &str = "/etc/omni/omni.asc";
 pub const PROVIDER_ENV: &str = "/etc/omni/provider.env";
 pub const PROVIDER_CONFIG: &str = "/etc/omni/provider.yaml";
-pub const PROVIDER_CA: &str = "/etc/omni/proxmox-ca.pem";
+/// A folder, always there once the provider is configured (Compose mounts it), holding the
+/// Proxmox CA when one was given.
+pub const PROVIDER_CA_DIR: &str = "/etc/omni/proxmox-ca";
+pub const PROVIDER_CA: &str = "/etc/omni/proxmox-ca/proxmox-ca.pem";
+/// Example values for the section (none real), from which `omni-image build` renders the
+/// project to check it with `docker compose config`.
+pub const EXAMPLE_SECTION: &str = include_str!("omni/example.yaml");
+
 /// The account id generated when none is supplied, kept so it never changes.
 pub const ACCOUNT_ID_FILE: &str = "/var/lib/omni-firstboot/omni-account-id";
 
@@ -44,6 +58,8 @@ pub struct Secrets {
     pub oidc_client_secret: Secret,
     pub ts_auth_key: Secret,
     pub ts_hostname: String,
+    /// The tailnet's DNS name (`example.ts.net`).
+    pub tailnet: String,
     pub etcd_key: Option<Secret>,
     pub lan_address: Option<String>,
     pub provider: Option<Provider>,
@@ -70,6 +86,14 @@ pub enum ProxmoxAuth {
         password: Secret,
         realm: String,
     },
+}
+
+/// The secrets of [`EXAMPLE_SECTION`].
+pub fn example() -> Result<Secrets> {
+    let value: Value =
+        serde_yaml_ng::from_str(EXAMPLE_SECTION).context("reading the example section")?;
+    let (secrets, findings) = parse(&value);
+    secrets.with_context(|| format!("the example section is incomplete: {findings:?}"))
 }
 
 pub fn parse(value: &Value) -> (Option<Secrets>, Findings) {
@@ -138,6 +162,27 @@ pub fn parse(value: &Value) -> (Option<Secrets>, Findings) {
     if !is_dns_name(&ts_hostname) || ts_hostname.contains('.') {
         ts.invalid("hostname", "must be a single DNS label such as `omni`");
     }
+    let tailnet_given = ts.string("tailnet");
+    if tailnet_given
+        .as_deref()
+        .is_some_and(|t| !is_dns_name(t.trim_end_matches('.')))
+    {
+        ts.invalid(
+            "tailnet",
+            "must be the tailnet's DNS name, e.g. example.ts.net",
+        );
+    }
+    let tailnet = match (&issuer, &tailnet_given) {
+        (Some(i), given) => compose::tailnet_domain(given.as_deref(), i),
+        (None, Some(t)) => Some(t.clone()),
+        (None, None) => None,
+    };
+    if tailnet.is_none() && issuer.is_some() {
+        let k = ts.key("tailnet");
+        ts.findings.missing.push(format!(
+            "{k} (the OIDC issuer is not a *.ts.net name: give the tailnet's DNS name)"
+        ));
+    }
     let ts_findings = ts.finish();
 
     let provider = r.raw("provider").map(parse_provider);
@@ -171,6 +216,7 @@ pub fn parse(value: &Value) -> (Option<Secrets>, Findings) {
             oidc_client_secret: client_secret?,
             ts_auth_key: ts_auth_key?,
             ts_hostname,
+            tailnet: tailnet?,
             etcd_key,
             lan_address,
             provider,
@@ -278,10 +324,33 @@ pub fn proxmox_api_url(url: &str) -> std::result::Result<String, String> {
 pub struct Applied {
     pub written: Vec<PathBuf>,
     pub notes: Vec<String>,
+    /// Keys still needed: nothing of the stack was written.
+    pub missing: Vec<String>,
+    /// Values refused only once the machine was known: nothing of the stack was written.
+    pub invalid: Vec<String>,
 }
 
 pub fn apply(root: &Root, secrets: &Secrets) -> Result<Applied> {
     let mut applied = Applied::default();
+
+    // Where Talos machines on the LAN reach Omni; without it the stack is of no use to them.
+    let endpoints = match compose::endpoints(
+        root,
+        &secrets.ts_hostname,
+        &secrets.tailnet,
+        secrets.lan_address.as_deref(),
+    ) {
+        Ok(e) => e,
+        Err(compose::EndpointProblem::Missing(k)) => {
+            applied.missing.push(k);
+            return Ok(applied);
+        }
+        Err(compose::EndpointProblem::Invalid(k)) => {
+            applied.invalid.push(k);
+            return Ok(applied);
+        }
+    };
+
     let dir = root.join(DIR);
     fsutil::ensure_dir(&dir, 0o700, Some(Owner::ROOT))?;
 
@@ -342,16 +411,35 @@ pub fn apply(root: &Root, secrets: &Secrets) -> Result<Applied> {
         ("OMNI_EULA_EMAIL", &secrets.eula_email),
         ("OMNI_OIDC_ISSUER", &secrets.oidc_issuer),
         ("OMNI_OIDC_CLIENT_ID", &secrets.oidc_client_id),
-        (
-            "OMNI_OIDC_CLIENT_SECRET",
-            secrets.oidc_client_secret.expose(),
-        ),
         ("OMNI_TAILNET_HOSTNAME", &secrets.ts_hostname),
+        ("OMNI_TAILNET_FQDN", &endpoints.tailnet_fqdn),
+        ("OMNI_MACHINE_API_URL", &endpoints.machine_api_url),
+        ("OMNI_WIREGUARD_ADDR", &endpoints.wireguard_addr),
+        ("OMNI_LAN_BIND", &endpoints.lan_bind),
     ];
     if let Some(lan) = &secrets.lan_address {
         omni_env.push(("OMNI_LAN_ADDRESS", lan));
     }
+    // The provider runs once its files exist (from this seed or an earlier one).
+    let provider_id = match &secrets.provider {
+        Some(p) => Some(p.id.clone()),
+        None => fsutil::read_optional(&root.join(PROVIDER_ENV))?
+            .and_then(|b| envfile::get(&String::from_utf8_lossy(&b), "PROVIDER_ID")),
+    };
+    if let Some(id) = &provider_id {
+        omni_env.push(("OMNI_PROVIDER_ID", id));
+        omni_env.push(("COMPOSE_PROFILES", "provider"));
+    }
     write_env(root, OMNI_ENV, &omni_env, &mut applied)?;
+    let config = omni_config(secrets)?;
+    let path = root.join(OMNI_CONFIG);
+    fsutil::write_atomic(&path, config.as_bytes(), 0o600, Some(Owner::ROOT))
+        .with_context(|| format!("writing {OMNI_CONFIG}"))?;
+    applied.written.push(path);
+    applied.notes.push(format!(
+        "Omni: UI https://{}/ (tailnet); Talos machines join at {} and {}/udp",
+        endpoints.tailnet_fqdn, endpoints.machine_api_url, endpoints.wireguard_addr
+    ));
     write_env(
         root,
         TAILSCALE_ENV,
@@ -376,13 +464,58 @@ pub fn apply(root: &Root, secrets: &Secrets) -> Result<Applied> {
         let path = root.join(PROVIDER_CONFIG);
         fsutil::write_atomic(&path, yaml.as_bytes(), 0o600, Some(Owner::ROOT))?;
         applied.written.push(path);
-        if let Some(ca) = &p.ca_cert {
-            let path = root.join(PROVIDER_CA);
-            fsutil::write_atomic(&path, format!("{}\n", ca.trim()).as_bytes(), 0o644, None)?;
-            applied.written.push(path);
+        fsutil::ensure_dir(&root.join(PROVIDER_CA_DIR), 0o755, Some(Owner::ROOT))?;
+        let path = root.join(PROVIDER_CA);
+        match &p.ca_cert {
+            Some(ca) => {
+                fsutil::write_atomic(&path, format!("{}\n", ca.trim()).as_bytes(), 0o644, None)?;
+                applied.written.push(path);
+            }
+            None => {
+                fsutil::remove_if_exists(&path)?;
+            }
         }
     }
+
+    // The project as omni.service will start it, checked by the image's own Compose.
+    let mut hidden = vec![
+        secrets.oidc_client_secret.expose(),
+        secrets.ts_auth_key.expose(),
+    ];
+    if let Some(p) = &secrets.provider {
+        hidden.push(p.service_account_key.expose());
+        match &p.auth {
+            ProxmoxAuth::Token { secret, .. } => hidden.push(secret.expose()),
+            ProxmoxAuth::Password { password, .. } => hidden.push(password.expose()),
+        }
+    }
+    if compose::check_project(root, OMNI_ENV, &hidden)
+        .context("checking the Omni Compose project")?
+    {
+        applied
+            .notes
+            .push("docker compose config accepts the Omni project".into());
+    }
     Ok(applied)
+}
+
+/// Omni's `--config-path` file: only what must not be a flag.
+fn omni_config(secrets: &Secrets) -> Result<String> {
+    use serde_yaml_ng::{Mapping, Value as V};
+    let mut oidc = Mapping::new();
+    oidc.insert(
+        "clientSecret".into(),
+        secrets.oidc_client_secret.expose().into(),
+    );
+    let mut auth = Mapping::new();
+    auth.insert("oidc".into(), V::Mapping(oidc));
+    let mut top = Mapping::new();
+    top.insert("auth".into(), V::Mapping(auth));
+    let body = serde_yaml_ng::to_string(&V::Mapping(top)).context("rendering omni.yaml")?;
+    Ok(format!(
+        "# Written by omni-firstboot from the seed's omni_appliance section; the other \
+         settings are flags in /usr/lib/omni-image/omni/compose.yaml.\n{body}"
+    ))
 }
 
 fn write_env(root: &Root, file: &str, pairs: &[(&str, &str)], applied: &mut Applied) -> Result<()> {

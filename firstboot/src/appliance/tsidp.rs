@@ -148,4 +148,36 @@ mod tests {
         assert!(text.contains("TSIDP_HOSTNAME=tsidp"));
         assert!(!forget_key_after_login(&root).unwrap());
     }
+
+    const UNIT: &str = include_str!("../../../overlays/tsidp/usr/lib/systemd/system/tsidp.service");
+
+    #[test]
+    fn the_unit_reads_this_file_and_keeps_its_state_where_the_login_is_looked_for() {
+        assert!(UNIT.contains(&format!("EnvironmentFile={ENV_FILE}\n")));
+        assert!(UNIT.contains(&format!("ConditionPathExists={ENV_FILE}\n")));
+        // DynamicUser= puts StateDirectory=tsidp in /var/lib/private/tsidp.
+        assert!(UNIT.contains("DynamicUser=yes\n") && UNIT.contains("StateDirectory=tsidp\n"));
+        assert!(STATE_DIRS.contains(&"/var/lib/private/tsidp"));
+        // One ExecStart line, with the flags tsidp has.
+        let exec: Vec<&str> = UNIT
+            .lines()
+            .filter(|l| l.starts_with("ExecStart="))
+            .collect();
+        assert_eq!(exec.len(), 1, "{exec:?}");
+        assert!(
+            !exec[0].ends_with('\\'),
+            "a continued ExecStart breaks tsidp"
+        );
+        for flag in [
+            "-dir %S/tsidp",
+            "-hostname ${TSIDP_HOSTNAME}",
+            "-enable-sts",
+            "-port 443",
+        ] {
+            assert!(exec[0].contains(flag), "{flag} in {}", exec[0]);
+        }
+        assert!(
+            UNIT.contains("CapabilityBoundingSet=\n") && UNIT.contains("AmbientCapabilities=\n")
+        );
+    }
 }
