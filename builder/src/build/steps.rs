@@ -71,8 +71,14 @@ impl Step<'_> {
         }
     }
 
-    /// Prints a line that stays (above the spinner on a terminal).
+    /// Prints a line that stays (above the spinner on a terminal), cut to a screen's width
+    /// or so: the full text goes to the error.
     pub fn say(&self, msg: &str) {
+        let msg = match msg.char_indices().nth(240) {
+            Some((i, _)) => format!("{}...", &msg[..i]),
+            None => msg.to_owned(),
+        };
+        let msg = msg.as_str();
         match &self.bar {
             Some(bar) => bar.println(format!("  {msg}")),
             None => tracing::info!("    {msg}"),
