@@ -4,14 +4,13 @@
 //! gone afterwards.
 //!
 //! Needs: a release build of `omni-image`; `qemu-system-x86_64`, `ovmf`, `qemu-utils` and
-//! `genisoimage`; and a built tsidp image. It uses `out/tsidp.qcow2` (with its `.sha256` and
-//! manifest) when present and otherwise builds one with `omni-image build
-//! recipes/tsidp.toml` (network access to the Debian archive, several minutes). The boot
+//! `genisoimage`; and a built tsidp image: `OMNI_IMAGE_TEST_TSIDP=PATH` names one, else
+//! `out/tsidp.qcow2` (with its `.sha256` and manifest) is used when present, else the test
+//! builds one with `omni-image build recipes/tsidp.toml` (as root, with access to the Debian
+//! archive; several minutes). The boot
 //! takes about a minute or two under TCG; the test runs one QEMU at a time.
 
-use std::process::Command;
-
-use omni_image_tests::pve_double::client::{omni, run};
+use omni_image_tests::pve_double::client::{api_get, omni, run};
 use omni_image_tests::pve_double::{Config, PveDouble};
 
 const SEED: &str = "#cloud-config
@@ -25,21 +24,20 @@ omni_appliance:
     hostname: idp
 ";
 
-/// A copy of the tsidp image (and its sidecars) in `dir`, built first if there is none.
+/// A copy of the tsidp image (and its sidecars) in `dir`: `OMNI_IMAGE_TEST_TSIDP` if set,
+/// else `out/tsidp.qcow2`, else one built for the current sources (shared with the other
+/// end-to-end tests).
 fn tsidp_image(dir: &std::path::Path) -> std::path::PathBuf {
-    let out = omni_image_tests::workspace().join("out");
-    if !out.join("tsidp.qcow2").exists() {
-        eprintln!("no out/tsidp.qcow2: building it");
-        let st = Command::new(omni_image_tests::bin("omni-image"))
-            .current_dir(omni_image_tests::workspace())
-            .args(["build", "recipes/tsidp.toml"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "omni-image build recipes/tsidp.toml failed");
-    }
+    let out = omni_image_tests::workspace().join("out/tsidp.qcow2");
+    let source = match std::env::var_os("OMNI_IMAGE_TEST_TSIDP") {
+        Some(p) => std::path::PathBuf::from(p),
+        None if out.exists() => out,
+        None => omni_image_tests::images::built_image("recipes/tsidp.toml").qcow2,
+    };
+    let from = source.parent().unwrap();
     for f in ["tsidp.qcow2", "tsidp.qcow2.sha256", "tsidp.manifest.json"] {
-        if out.join(f).exists() {
-            std::fs::copy(out.join(f), dir.join(f)).unwrap();
+        if from.join(f).exists() {
+            std::fs::copy(from.join(f), dir.join(f)).unwrap();
         }
     }
     dir.join("tsidp.qcow2")
@@ -49,6 +47,8 @@ fn tsidp_image(dir: &std::path::Path) -> std::path::PathBuf {
 fn deploy_boots_a_clone_to_ready_and_removes_the_seed() {
     let dir = tempfile::tempdir().unwrap();
     let image = tsidp_image(dir.path());
+    // One guest at a time on this machine, across test binaries.
+    let _heavy = omni_image_tests::images::heavy_lock();
     let pve = PveDouble::start(Config::standard()).unwrap();
 
     let r = run(omni(&pve, "upload").arg(&image));
@@ -111,6 +111,19 @@ fn deploy_boots_a_clone_to_ready_and_removes_the_seed() {
     assert!(
         reqs.iter()
             .any(|r| r.path.ends_with("/agent/exec-status") && r.status == 200)
+    );
+    // The guest applied the seed: the user it names has its key (read through the guest's
+    // own agent).
+    let keys = api_get(
+        &pve,
+        "/nodes/pve/qemu/101/agent/file-read?file=/home/admin/.ssh/authorized_keys",
+    );
+    assert!(
+        keys["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("alice@laptop"),
+        "{keys}"
     );
     // No secret in the console log.
     assert!(

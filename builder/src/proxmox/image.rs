@@ -24,10 +24,18 @@ pub struct Manifest {
 #[derive(Debug, Default, Deserialize)]
 pub struct Recipe {
     pub name: Option<String>,
-    pub distribution: Option<String>,
-    pub suite: Option<String>,
+    pub description: Option<String>,
+    pub appliance: Option<String>,
+    #[serde(default)]
+    pub base: Base,
     #[serde(default)]
     pub vm: VmDefaults,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Base {
+    pub distribution: Option<String>,
+    pub suite: Option<String>,
 }
 
 /// `[vm]` of a recipe, as the manifest repeats it.
@@ -114,17 +122,23 @@ impl Image {
     pub fn description(&self) -> String {
         let m = &self.manifest;
         let mut d = format!("**{}**, built by omni-image\n\n", self.name);
+        if let Some(text) = &m.recipe.description {
+            d.push_str(&format!("{text}\n\n"));
+        }
         if let Some(r) = &m.recipe.name {
             d.push_str(&format!("- recipe: {r}\n"));
         }
-        if let (Some(dist), Some(suite)) = (&m.recipe.distribution, &m.recipe.suite) {
+        if let Some(a) = &m.recipe.appliance {
+            d.push_str(&format!("- appliance: {a}\n"));
+        }
+        if let (Some(dist), Some(suite)) = (&m.recipe.base.distribution, &m.recipe.base.suite) {
             d.push_str(&format!("- base: {dist} {suite}\n"));
         }
         if !m.packages.is_empty() {
             d.push_str(&format!("- packages: {}\n", m.packages.len()));
         }
-        for (k, v) in &m.sizes {
-            d.push_str(&format!("- size {k}: {v}\n"));
+        if let Some(disk) = m.sizes.get("disk_bytes").and_then(|v| v.as_u64()) {
+            d.push_str(&format!("- disk: {} MiB\n", disk >> 20));
         }
         d.push_str(&format!(
             "- image: {} bytes\n- sha256: {}\n",

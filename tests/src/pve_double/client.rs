@@ -105,10 +105,10 @@ pub fn write_sidecars(path: &Path, name: &str) {
     .unwrap();
     let manifest = serde_json::json!({
         "name": name,
-        "recipe": {"name": name, "distribution": "debian", "suite": "trixie",
+        "recipe": {"name": name, "base": {"distribution": "debian", "suite": "trixie"},
                    "vm": {"memory": 1536, "cores": 2, "tags": ["appliance"]}},
         "packages": [{"name": "systemd", "version": "257"}],
-        "sizes": {"image": 1},
+        "sizes": {"disk_bytes": 2147483648u64},
     });
     std::fs::write(
         path.with_file_name(format!("{name}.manifest.json")),

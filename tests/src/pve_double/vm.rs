@@ -288,14 +288,14 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
         &memory,
     ])
     .args([
+        "-cpu",
+        "max",
         "-smp",
         &cores,
         "-nodefaults",
-        "-display",
-        "none",
-        "-vga",
-        "none",
+        "-no-user-config",
     ])
+    .args(["-display", "none", "-vga", "none"])
     .arg("-serial")
     .arg(format!("file:{}", serial.display()))
     .arg("-qmp")
@@ -307,7 +307,7 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
         let media_cdrom = parts
             .iter()
             .any(|(k, v)| k.as_deref() == Some("media") && v == "cdrom");
-        if key.starts_with("efidisk") {
+        if indexed(key, "efidisk") {
             let vars = resolve(ctx, &file).ok_or(format!("volume '{file}' does not exist"))?;
             cmd.arg("-drive").arg(format!(
                 "if=pflash,unit=0,format=raw,readonly=on,file={OVMF_CODE}"
@@ -316,7 +316,7 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
                 "if=pflash,unit=1,format=raw,file={}",
                 vars.display()
             ));
-        } else if key.starts_with("scsi") {
+        } else if indexed(key, "scsi") {
             let disk = resolve(ctx, &file).ok_or(format!("volume '{file}' does not exist"))?;
             let boot = if config.get("boot").is_some_and(|b| b.contains(key.as_str())) {
                 ",bootindex=100"
@@ -330,7 +330,7 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
             cmd.arg("-device").arg(format!(
                 "scsi-hd,bus=scsihw0.0,drive=drive-{key},id={key}{boot}"
             ));
-        } else if key.starts_with("ide") && media_cdrom {
+        } else if indexed(key, "ide") && media_cdrom {
             let unit: u32 = key[3..].parse().unwrap_or(0);
             let path = if file.contains("cloudinit") {
                 let iso = run_dir.join(format!("{id}.cloudinit.iso"));
@@ -353,7 +353,7 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
             };
             cmd.arg("-device")
                 .arg(format!("ide-cd,bus=ide.{unit},drive=drive-{key},id={key}"));
-        } else if let Some(n) = key.strip_prefix("net") {
+        } else if let Some(n) = key.strip_prefix("net").filter(|_| indexed(key, "net")) {
             let mac = parts
                 .iter()
                 .find(|(k, v)| k.is_some() && v.contains(':'))
@@ -406,4 +406,10 @@ pub fn start(ctx: &TaskCtx, id: u32, config: &BTreeMap<String, String>) -> Resul
         std::thread::sleep(Duration::from_millis(100));
     }
     Err("start failed: QEMU did not answer on its monitor".into())
+}
+
+/// Whether `key` is `base` followed by an index (`scsi0`, not `scsihw`).
+fn indexed(key: &str, base: &str) -> bool {
+    key.strip_prefix(base)
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
