@@ -1172,7 +1172,8 @@ enabled = false
             dir.path(),
             "pinned.toml",
             &format!(
-                "extends = \"{}\"\n[[artifacts]]\nname = \"tsidp\"\nenabled = true\nsha256 = \"{}\"\n",
+                "extends = \"{}\"\n[[artifacts]]\nname = \"tsidp\"\nenabled = true\n\
+                 sha256 = \"{}\"\n",
                 tsidp.display(),
                 "1".repeat(64)
             ),

@@ -164,7 +164,8 @@ fn serve(root: PathBuf) -> String {
                     Ok(body) => {
                         let _ = write!(
                             stream,
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\
+                                 Connection: close\r\n\r\n",
                             body.len()
                         );
                         if method != "HEAD" {
@@ -174,7 +175,8 @@ fn serve(root: PathBuf) -> String {
                     Err(_) => {
                         let _ = write!(
                             stream,
-                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\
+                                 Connection: close\r\n\r\n"
                         );
                     }
                 }

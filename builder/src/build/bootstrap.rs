@@ -173,7 +173,11 @@ pub fn run(
         .collect();
     let cached = after.len() - downloaded.len();
     repository::install(tree, repositories, epoch)?;
-    Ok(Outcome { downloaded, cached, cache_hit: false })
+    Ok(Outcome {
+        downloaded,
+        cached,
+        cache_hit: false,
+    })
 }
 
 /// The suite's `InRelease`, fetched before bootstrapping: it tells "unknown suite" from

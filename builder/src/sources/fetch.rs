@@ -143,7 +143,8 @@ pub(crate) mod testserver {
                         Ok(body) if file.is_file() => {
                             let _ = write!(
                                 stream,
-                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\
+                                 Connection: close\r\n\r\n",
                                 body.len()
                             );
                             let _ = stream.write_all(&body);
@@ -151,7 +152,8 @@ pub(crate) mod testserver {
                         _ => {
                             let _ = write!(
                                 stream,
-                                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\
+                                 Connection: close\r\n\r\n"
                             );
                         }
                     }
