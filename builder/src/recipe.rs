@@ -58,6 +58,15 @@ impl Distribution {
         }
     }
 
+    /// The archive as it was at `timestamp` (`YYYYMMDDTHHMMSSZ`), from the distribution's
+    /// snapshot service.
+    pub fn snapshot_mirror(self, timestamp: &str) -> String {
+        match self {
+            Distribution::Debian => format!("http://snapshot.debian.org/archive/debian/{timestamp}"),
+            Distribution::Ubuntu => format!("https://snapshot.ubuntu.com/ubuntu/{timestamp}"),
+        }
+    }
+
     /// The kernel meant for virtual machines.
     pub fn default_kernel_package(self) -> &'static str {
         match self {
@@ -173,6 +182,7 @@ struct BaseFile {
     components: Option<Vec<String>>,
     keyring: Option<PathBuf>,
     variant: Option<String>,
+    snapshot: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +256,9 @@ pub struct Base {
     pub components: Vec<String>,
     pub keyring: PathBuf,
     pub variant: String,
+    /// A dated snapshot of the archive (`20251201T000000Z`) the packages come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -430,6 +443,7 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
                 .map(|k| resolve_keyring(&path, k))
                 .or(base.keyring);
             base.variant = b.variant.or(base.variant);
+            base.snapshot = b.snapshot.or(base.snapshot);
         }
         for pkg in file.packages.unwrap_or_default() {
             if let Some(removed) = pkg.strip_prefix('-') {
@@ -558,9 +572,14 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
         base: Base {
             distribution,
             suite,
-            mirror: base
-                .mirror
-                .unwrap_or_else(|| distribution.default_mirror().to_owned()),
+            mirror: match (base.mirror, &base.snapshot) {
+                (Some(m), _) => m,
+                (None, Some(ts)) => {
+                    check_snapshot(ts).with_context(|| format!("{top_name}: `base.snapshot`"))?;
+                    distribution.snapshot_mirror(ts)
+                }
+                (None, None) => distribution.default_mirror().to_owned(),
+            },
             components: base.components.unwrap_or_else(|| {
                 distribution
                     .default_components()
@@ -570,6 +589,7 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
             }),
             keyring,
             variant: base.variant.unwrap_or_else(|| "minbase".to_owned()),
+            snapshot: base.snapshot,
         },
         packages,
         disk,
@@ -762,6 +782,19 @@ fn resolve_keyring(recipe: &Path, keyring: PathBuf) -> PathBuf {
     } else {
         recipe.parent().unwrap_or(Path::new(".")).join(keyring)
     }
+}
+
+/// Snapshot timestamps as the snapshot services spell them: `20251201T000000Z`.
+fn check_snapshot(ts: &str) -> Result<()> {
+    let b = ts.as_bytes();
+    let ok = b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+    if !ok {
+        bail!("`{ts}` is not a snapshot timestamp: write it like 20251201T000000Z (UTC)");
+    }
+    Ok(())
 }
 
 /// Image names become file names, VM names and host names: keep them DNS labels.
@@ -960,6 +993,17 @@ greeting = "hi"
         );
         let err = format!("{:#}", Recipe::load(&path).unwrap_err());
         assert!(err.contains("not a valid name"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_pins_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "s.toml", "[base]\nsuite = \"trixie\"\nsnapshot = \"20251201T000000Z\"\n");
+        let r = Recipe::load(&path).unwrap();
+        assert_eq!(r.base.mirror, "http://snapshot.debian.org/archive/debian/20251201T000000Z");
+        let path = write(dir.path(), "s.toml", "[base]\nsuite = \"trixie\"\nsnapshot = \"2025-12-01\"\n");
+        let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+        assert!(err.contains("`base.snapshot`") && err.contains("20251201T000000Z"), "{err}");
     }
 
     #[test]

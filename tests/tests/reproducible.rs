@@ -83,3 +83,28 @@ fn a_damaged_cache_entry_is_rebuilt() {
     let third = build(&recipe, out.path(), None);
     assert_eq!(third["base_tree"]["cache_hit"], true);
 }
+
+#[test]
+fn offline_builds_use_only_the_cache_and_say_what_is_missing() {
+    built_image("recipes/tsidp.toml");
+    let _lock = heavy_lock();
+    let recipe = workspace().join("recipes/tsidp.toml");
+    let out = tempfile::tempdir().unwrap();
+    let res = omni_image(&["build", recipe.to_str().unwrap(), "--offline", "--output", out.path().to_str().unwrap()]);
+    assert!(res.status.success(), "{}", stderr(&res));
+    assert_eq!(manifest(out.path(), "tsidp")["base_tree"]["cache_hit"], true);
+
+    let empty = tempfile::tempdir().unwrap();
+    let res = omni_image(&[
+        "build",
+        recipe.to_str().unwrap(),
+        "--offline",
+        "--cache-dir",
+        empty.path().to_str().unwrap(),
+        "--output",
+        out.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    let err = stderr(&res);
+    assert!(err.contains("--offline") && err.contains("not in the cache"), "{err}");
+}

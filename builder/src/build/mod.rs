@@ -59,8 +59,12 @@ pub struct BuildArgs {
     #[arg(long)]
     pub install_tools: bool,
     /// Bootstrap afresh: neither use nor fill the cache of base trees.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "offline")]
     pub no_cache: bool,
+    /// Use the network for nothing: only what earlier builds left in the cache (the
+    /// archives' Release files, keys, artifacts and the base tree).
+    #[arg(long)]
+    pub offline: bool,
     /// Print the mmdebstrap command that bootstraps the recipe's packages into DIR, without
     /// the package cache, and exit (to reproduce or benchmark the bootstrap by hand).
     #[arg(long, value_name = "DIR")]
@@ -130,6 +134,8 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         )
     })?;
 
+    crate::sources::fetch::configure(&cache, args.offline);
+
     let work_parent = args.work_dir.as_deref().unwrap_or(&args.output);
     let mut scratch = Scratch::create_in(work_parent, &format!(".omni-image-{}-", recipe.name))?;
     if args.keep_work {
@@ -180,7 +186,17 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         ),
     );
     let _key_lock = if args.no_cache { None } else { Some(base_cache.lock(&base_key)?) };
-    let outcome = if !args.no_cache && base_cache.restore(&base_key, &tree)? {
+    let hit = !args.no_cache && base_cache.restore(&base_key, &tree)?;
+    if !hit && args.offline {
+        bail!(
+            "--offline: the base tree for this recipe ({} {}, key {}) is not in the cache; \
+             build once without --offline",
+            recipe.base.distribution,
+            recipe.base.suite,
+            crate::cache::short(&base_key)
+        );
+    }
+    let outcome = if hit {
         step.done(&format!("base tree {} from the cache", crate::cache::short(&base_key)));
         bootstrap::Outcome { cache_hit: true, ..Default::default() }
     } else {

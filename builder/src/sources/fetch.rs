@@ -28,20 +28,63 @@ pub enum FetchError {
     Unreachable { url: String, reason: String },
 }
 
-/// A whole (small) file in memory.
+/// Where small files fetched over the network are kept, and whether the network may be used
+/// (`build --offline`). Set once per process by the build.
+static MODE: std::sync::OnceLock<(std::path::PathBuf, bool)> = std::sync::OnceLock::new();
+
+pub fn configure(cache: &Path, offline: bool) {
+    let _ = MODE.set((cache.join("fetched"), offline));
+}
+
+pub fn offline() -> bool {
+    MODE.get().is_some_and(|m| m.1)
+}
+
+fn kept_copy(url: &str) -> Option<std::path::PathBuf> {
+    use sha2::Digest;
+    let (dir, _) = MODE.get()?;
+    Some(dir.join(hex::encode(sha2::Sha256::digest(url.as_bytes()))))
+}
+
+/// A whole (small) file in memory. Online, a copy is kept in the cache; offline, only that
+/// copy is read (and checked again by the caller, like a fresh download).
 pub fn get(url: &str) -> Result<Vec<u8>> {
     if let Some(path) = url.strip_prefix("file://") {
         return fs_err::read(path).with_context(|| format!("reading {url}"));
     }
+    if offline() {
+        let copy = kept_copy(url).expect("offline mode has a cache");
+        return fs_err::read(&copy).map_err(|_| {
+            anyhow::anyhow!(
+                "--offline: {url} was never fetched, so it is not in the cache; build once \
+                 without --offline"
+            )
+        });
+    }
     let mut resp = open(url)?;
-    resp.body_mut()
+    let bytes = resp
+        .body_mut()
         .with_config()
         .limit(SMALL)
         .read_to_vec()
-        .with_context(|| format!("reading {url}"))
+        .with_context(|| format!("reading {url}"))?;
+    if let Some(copy) = kept_copy(url) {
+        let dir = copy.parent().expect("kept copies live in a folder");
+        let tmp = copy.with_extension("partial");
+        let kept = fs_err::create_dir_all(dir)
+            .and_then(|_| fs_err::write(&tmp, &bytes))
+            .and_then(|_| fs_err::rename(&tmp, &copy));
+        if let Err(err) = kept {
+            tracing::debug!("not keeping a copy of {url}: {err}");
+        }
+    }
+    Ok(bytes)
 }
 
 fn open(url: &str) -> Result<ureq::http::Response<ureq::Body>> {
+    if offline() {
+        bail!("--offline: {url} is not in the cache; build once without --offline");
+    }
     match agent().get(url).call() {
         Ok(resp) if resp.status().is_success() => Ok(resp),
         Ok(resp) => Err(FetchError::Status {
