@@ -49,7 +49,7 @@ pub fn run(args: &CacheArgs) -> Result<()> {
     match args.action {
         Action::List => {
             println!("cache: {}", root.display());
-            for part in ["apt", "artifacts", "base"] {
+            for part in ["apt", "artifacts", "fetched", "base"] {
                 println!("  {part:<10} {}", human(dir_size(&root.join(part))));
             }
             for e in base.list()? {
