@@ -346,7 +346,7 @@ async fn upload_once(
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
     let stream =
-        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |chunk| {
+        tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).inspect_ok(move |chunk| {
             counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         });
     let part =
