@@ -350,7 +350,11 @@ impl Attempt<'_> {
                         tail.pop_front();
                     }
                     tail.push_back(line.clone());
-                    let marker = self.args.ready.as_deref().unwrap_or(omni_firstboot::READY_MARKER);
+                    let marker = self
+                        .args
+                        .ready
+                        .as_deref()
+                        .unwrap_or(omni_firstboot::READY_MARKER);
                     if line.contains(marker) {
                         let ready_after = start.elapsed();
                         log.flush()?;
@@ -420,9 +424,10 @@ impl Attempt<'_> {
     /// its agent, else ACPI); otherwise its writes are thrown away and it is simply stopped.
     fn shut_down(&self, child: &mut Child) {
         if !self.snapshot {
-            let asked = crate::qga::Agent::connect(&self.tmp.join("qga.sock"), Duration::from_secs(30))
-                .and_then(|mut a| a.shutdown())
-                .or_else(|_| qmp_powerdown(&self.tmp.join("qmp.sock")));
+            let asked =
+                crate::qga::Agent::connect(&self.tmp.join("qga.sock"), Duration::from_secs(30))
+                    .and_then(|mut a| a.shutdown())
+                    .or_else(|_| qmp_powerdown(&self.tmp.join("qmp.sock")));
             if asked.is_ok() {
                 let deadline = Instant::now() + Duration::from_secs(180);
                 while Instant::now() < deadline {
@@ -432,7 +437,9 @@ impl Attempt<'_> {
                     std::thread::sleep(Duration::from_millis(250));
                 }
             }
-            tracing::warn!("the guest did not power off; stopping it (its last writes may be lost)");
+            tracing::warn!(
+                "the guest did not power off; stopping it (its last writes may be lost)"
+            );
         }
         let _ = child.kill();
         let _ = child.wait();

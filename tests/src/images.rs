@@ -53,7 +53,11 @@ pub struct Built {
 
 fn hash_path(h: &mut Sha256, path: &Path) {
     if path.is_dir() {
-        let mut entries: Vec<_> = fs_err::read_dir(path).unwrap().flatten().map(|e| e.path()).collect();
+        let mut entries: Vec<_> = fs_err::read_dir(path)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         entries.sort();
         for e in entries {
             h.update(e.to_string_lossy().as_bytes());
@@ -71,17 +75,34 @@ fn hash_path(h: &mut Sha256, path: &Path) {
 pub fn built_image(recipe: &str) -> Built {
     let _lock = heavy_lock();
     let mut h = Sha256::new();
-    for p in [bin("omni-image"), bin("omni-firstboot"), workspace().join("recipes"), workspace().join("overlays")] {
+    for p in [
+        bin("omni-image"),
+        bin("omni-firstboot"),
+        workspace().join("recipes"),
+        workspace().join("overlays"),
+    ] {
         hash_path(&mut h, &p);
     }
     let key = &hex::encode(h.finalize())[..16];
     let dir = workspace().join("target/e2e-images").join(key);
-    let name = Path::new(recipe).file_stem().unwrap().to_string_lossy().into_owned();
+    let name = Path::new(recipe)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let manifest = dir.join(format!("{name}.manifest.json"));
     if !manifest.exists() || std::env::var_os("OMNI_IMAGE_E2E_REBUILD").is_some() {
         let out = omni_image(&["build", recipe, "--output", dir.to_str().unwrap()]);
-        assert!(out.status.success(), "building {recipe} failed:\n{}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "building {recipe} failed:\n{}",
+            stderr(&out)
+        );
     }
-    let manifest: serde_json::Value = serde_json::from_slice(&fs_err::read(&manifest).unwrap()).unwrap();
-    Built { qcow2: dir.join(format!("{name}.qcow2")), manifest }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(&manifest).unwrap()).unwrap();
+    Built {
+        qcow2: dir.join(format!("{name}.qcow2")),
+        manifest,
+    }
 }

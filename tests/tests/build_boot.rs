@@ -8,7 +8,11 @@ use omni_image_tests::images::{built_image, heavy_lock, omni_image, stderr, stdo
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("running a host tool");
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -18,7 +22,10 @@ fn check_disk(qcow2: &Path) {
     run(Command::new("qemu-img").arg("check").arg(qcow2));
     let tmp = tempfile::tempdir().unwrap();
     let raw = tmp.path().join("disk.raw");
-    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(qcow2).arg(&raw));
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(qcow2)
+        .arg(&raw));
 
     let table: serde_json::Value =
         serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
@@ -37,11 +44,20 @@ fn check_disk(qcow2: &Path) {
 
     // The root filesystem, cut out of the disk, is clean ext4.
     let root = tmp.path().join("root.img");
-    let (start, size) = (parts[1]["start"].as_u64().unwrap(), parts[1]["size"].as_u64().unwrap());
+    let (start, size) = (
+        parts[1]["start"].as_u64().unwrap(),
+        parts[1]["size"].as_u64().unwrap(),
+    );
     run(Command::new("dd")
         .arg(format!("if={}", raw.display()))
         .arg(format!("of={}", root.display()))
-        .args(["bs=512", &format!("skip={start}"), &format!("count={size}"), "conv=sparse", "status=none"]));
+        .args([
+            "bs=512",
+            &format!("skip={start}"),
+            &format!("count={size}"),
+            "conv=sparse",
+            "status=none",
+        ]));
     run(Command::new("e2fsck").args(["-fn"]).arg(&root));
 }
 
@@ -52,7 +68,10 @@ fn tsidp_builds_boots_and_rebuilds_from_the_cache() {
     let sha_file = built.qcow2.with_extension("qcow2.sha256");
     let sums = fs_err::read_to_string(&sha_file).unwrap();
     assert!(sums.ends_with("  tsidp.qcow2\n"), "{sums}");
-    assert_eq!(built.manifest["outputs"][0]["sha256"].as_str().unwrap(), &sums[..64]);
+    assert_eq!(
+        built.manifest["outputs"][0]["sha256"].as_str().unwrap(),
+        &sums[..64]
+    );
     let pkgs = built.manifest["packages"].as_array().unwrap();
     assert!(pkgs.iter().any(|p| p["name"] == "systemd"));
     assert!(pkgs.iter().any(|p| p["name"] == "linux-image-cloud-amd64"));
@@ -89,12 +108,14 @@ fn tsidp_builds_boots_and_rebuilds_from_the_cache() {
         again.path().to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let m: serde_json::Value = serde_json::from_slice(
-        &fs_err::read(again.path().join("tsidp.manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(again.path().join("tsidp.manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(m["base_tree"]["cache_hit"], false);
-    assert_eq!(m["downloaded_packages"], 0, "the bootstrap downloaded packages again");
+    assert_eq!(
+        m["downloaded_packages"], 0,
+        "the bootstrap downloaded packages again"
+    );
     assert!(m["cached_packages"].as_u64().unwrap() > 100);
 }
 
@@ -128,15 +149,27 @@ fn a_disk_too_small_says_how_large_it_must_be_and_leaves_nothing() {
     let base = omni_image_tests::workspace().join("recipes/base.toml");
     fs_err::write(
         &recipe,
-        format!("extends = \"{}\"\nname = \"tiny\"\n[disk]\nsize = \"400M\"\nesp-size = \"64M\"\n", base.display()),
+        format!(
+            "extends = \"{}\"\nname = \"tiny\"\n[disk]\nsize = \"400M\"\nesp-size = \"64M\"\n",
+            base.display()
+        ),
     )
     .unwrap();
     let out_dir = tmp.path().join("out");
     let _lock = heavy_lock();
-    let out = omni_image(&["build", recipe.to_str().unwrap(), "--output", out_dir.to_str().unwrap()]);
+    let out = omni_image(&[
+        "build",
+        recipe.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("set disk.size to at least"), "{err}");
-    let left: Vec<_> = fs_err::read_dir(&out_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = fs_err::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }

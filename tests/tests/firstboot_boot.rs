@@ -39,7 +39,16 @@ const STATUS: &str = "omni-firstboot status --json";
 const JOURNAL: &str = "journalctl -b -u omni-firstboot -o cat --no-pager";
 
 fn boot(image: &str, seed: &str, state: &str) -> BTreeMap<String, String> {
-    let mut args = vec!["boot", image, "--seed", seed, "--state", state, "--timeout", "420"];
+    let mut args = vec![
+        "boot",
+        image,
+        "--seed",
+        seed,
+        "--state",
+        state,
+        "--timeout",
+        "420",
+    ];
     for cmd in [HOSTNAME, KEYS, ADDR, SECRET, HOSTKEY, STATUS, JOURNAL] {
         args.extend(["--exec", cmd]);
     }
@@ -68,8 +77,11 @@ fn a_proxmox_shaped_seed_configures_the_clone_once() {
 
     let _lock = heavy_lock();
     let state = tmp.path().join("state.qcow2");
-    let (image, seed, state) =
-        (built.qcow2.to_str().unwrap(), seed.to_str().unwrap(), state.to_str().unwrap());
+    let (image, seed, state) = (
+        built.qcow2.to_str().unwrap(),
+        seed.to_str().unwrap(),
+        state.to_str().unwrap(),
+    );
 
     let first = boot(image, seed, state);
     assert_eq!(first[HOSTNAME].trim(), "idp-test");
@@ -77,17 +89,33 @@ fn a_proxmox_shaped_seed_configures_the_clone_once() {
     assert!(first[ADDR].contains("10.0.2.15/24"), "{}", first[ADDR]);
     assert_eq!(first[SECRET].trim(), "600 root:root");
     let status: serde_json::Value = serde_json::from_str(&first[STATUS]).unwrap();
-    assert!(status["datasource"].as_str().unwrap().contains("cidata"), "{status}");
+    assert!(
+        status["datasource"].as_str().unwrap().contains("cidata"),
+        "{status}"
+    );
     assert!(status["finished_at"].is_string(), "{status}");
     // The secret never reaches the journal.
-    assert!(!first[JOURNAL].contains("E2eSecretValue"), "{}", first[JOURNAL]);
+    assert!(
+        !first[JOURNAL].contains("E2eSecretValue"),
+        "{}",
+        first[JOURNAL]
+    );
     assert!(!first[STATUS].contains("E2eSecretValue"));
 
     // Same seed, same instance-id: nothing per-instance runs again.
     let second = boot(image, seed, state);
-    assert_eq!(second[HOSTKEY], first[HOSTKEY], "host keys were regenerated");
+    assert_eq!(
+        second[HOSTKEY], first[HOSTKEY],
+        "host keys were regenerated"
+    );
     let again: serde_json::Value = serde_json::from_str(&second[STATUS]).unwrap();
     assert_eq!(again["instance_id"], status["instance_id"]);
-    assert_eq!(again["started_at"], status["started_at"], "the instance's steps ran again");
-    assert_ne!(again["last_boot"]["at"], status["last_boot"]["at"], "{again}");
+    assert_eq!(
+        again["started_at"], status["started_at"],
+        "the instance's steps ran again"
+    );
+    assert_ne!(
+        again["last_boot"]["at"], status["last_boot"]["at"],
+        "{again}"
+    );
 }

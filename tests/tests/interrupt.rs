@@ -13,7 +13,12 @@ use omni_image_tests::{bin, workspace};
 fn interrupt_build(extra: &[&str], when: &str) {
     let out = tempfile::tempdir().unwrap();
     let mut child = Command::new(bin("omni-image"))
-        .args(["build", "recipes/tsidp.toml", "--output", out.path().to_str().unwrap()])
+        .args([
+            "build",
+            "recipes/tsidp.toml",
+            "--output",
+            out.path().to_str().unwrap(),
+        ])
         .args(extra)
         .current_dir(workspace())
         .stdout(Stdio::null())
@@ -37,10 +42,20 @@ fn interrupt_build(extra: &[&str], when: &str) {
     let text = seen.join("\n");
     assert!(!status.success(), "the build was not stopped:\n{text}");
     assert!(text.contains("interrupted"), "{text}");
-    let left: Vec<_> = fs_err::read_dir(out.path()).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert!(left.is_empty(), "left behind after Ctrl-C at `{when}`: {left:?}\n{text}");
+    let left: Vec<_> = fs_err::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left behind after Ctrl-C at `{when}`: {left:?}\n{text}"
+    );
     let mounts = fs_err::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(out.path().to_str().unwrap()), "a mount was left behind");
+    assert!(
+        !mounts.contains(out.path().to_str().unwrap()),
+        "a mount was left behind"
+    );
 }
 
 #[test]

@@ -8,11 +8,17 @@ use omni_image_tests::images::{built_image, heavy_lock, omni_image, stderr};
 use omni_image_tests::workspace;
 
 fn manifest(dir: &Path, name: &str) -> serde_json::Value {
-    serde_json::from_slice(&fs_err::read(dir.join(format!("{name}.manifest.json"))).unwrap()).unwrap()
+    serde_json::from_slice(&fs_err::read(dir.join(format!("{name}.manifest.json"))).unwrap())
+        .unwrap()
 }
 
 fn build(recipe: &Path, out: &Path, cache: Option<&Path>) -> serde_json::Value {
-    let mut args = vec!["build", recipe.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let mut args = vec![
+        "build",
+        recipe.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
     if let Some(c) = cache {
         args.extend(["--cache-dir", c.to_str().unwrap()]);
     }
@@ -47,7 +53,10 @@ fn cached_rebuilds_are_bit_identical_and_overlay_changes_show() {
     let changed = tmp.path().join("tsidp.toml");
     fs_err::write(
         &changed,
-        format!("extends = \"{}\"\noverlays = [\"extra\"]\n", recipe.display()),
+        format!(
+            "extends = \"{}\"\noverlays = [\"extra\"]\n",
+            recipe.display()
+        ),
     )
     .unwrap();
     let c = tempfile::tempdir().unwrap();
@@ -63,7 +72,10 @@ fn a_damaged_cache_entry_is_rebuilt() {
     // shared package cache, so it downloads nothing.
     let built = built_image("recipes/tsidp.toml");
     let _lock = heavy_lock();
-    let key = built.manifest["base_tree"]["key"].as_str().unwrap().to_owned();
+    let key = built.manifest["base_tree"]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let cache = std::env::var_os("OMNI_IMAGE_CACHE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(&std::env::var("HOME").unwrap()).join(".cache/omni-image"));
@@ -78,7 +90,10 @@ fn a_damaged_cache_entry_is_rebuilt() {
     let out = tempfile::tempdir().unwrap();
     let second = build(&recipe, out.path(), None);
     assert_eq!(second["base_tree"]["key"], key.as_str());
-    assert_eq!(second["base_tree"]["cache_hit"], false, "a damaged entry was used");
+    assert_eq!(
+        second["base_tree"]["cache_hit"], false,
+        "a damaged entry was used"
+    );
     // The rebuilt entry is whole again.
     let third = build(&recipe, out.path(), None);
     assert_eq!(third["base_tree"]["cache_hit"], true);
@@ -90,9 +105,18 @@ fn offline_builds_use_only_the_cache_and_say_what_is_missing() {
     let _lock = heavy_lock();
     let recipe = workspace().join("recipes/tsidp.toml");
     let out = tempfile::tempdir().unwrap();
-    let res = omni_image(&["build", recipe.to_str().unwrap(), "--offline", "--output", out.path().to_str().unwrap()]);
+    let res = omni_image(&[
+        "build",
+        recipe.to_str().unwrap(),
+        "--offline",
+        "--output",
+        out.path().to_str().unwrap(),
+    ]);
     assert!(res.status.success(), "{}", stderr(&res));
-    assert_eq!(manifest(out.path(), "tsidp")["base_tree"]["cache_hit"], true);
+    assert_eq!(
+        manifest(out.path(), "tsidp")["base_tree"]["cache_hit"],
+        true
+    );
 
     let empty = tempfile::tempdir().unwrap();
     let res = omni_image(&[
@@ -106,5 +130,8 @@ fn offline_builds_use_only_the_cache_and_say_what_is_missing() {
     ]);
     assert!(!res.status.success());
     let err = stderr(&res);
-    assert!(err.contains("--offline") && err.contains("not in the cache"), "{err}");
+    assert!(
+        err.contains("--offline") && err.contains("not in the cache"),
+        "{err}"
+    );
 }

@@ -92,7 +92,13 @@ pub fn command_with(
         .arg(format!("--include={}", packages(recipe).join(",")))
         .arg("--aptopt=Acquire::Retries \"3\"")
         // A snapshot's Release files are past their Valid-Until by design.
-        .args(recipe.base.snapshot.as_ref().map(|_| "--aptopt=Acquire::Check-Valid-Until \"false\""))
+        .args(
+            recipe
+                .base
+                .snapshot
+                .as_ref()
+                .map(|_| "--aptopt=Acquire::Check-Valid-Until \"false\""),
+        )
         .arg("--aptopt=APT::Install-Recommends \"false\"");
     for ex in DPKG_EXCLUDES {
         cmd = cmd.arg(format!("--dpkgopt={ex}"));

@@ -126,7 +126,10 @@ pub fn clamp_times(tree: &Path, epoch: i64) -> Result<usize> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     let mut clamped = 0;
-    let ts = libc::timespec { tv_sec: epoch as libc::time_t, tv_nsec: 0 };
+    let ts = libc::timespec {
+        tv_sec: epoch as libc::time_t,
+        tv_nsec: 0,
+    };
     for entry in walkdir::WalkDir::new(tree) {
         let entry = entry?;
         let meta = entry.path().symlink_metadata()?;
@@ -136,7 +139,12 @@ pub fn clamp_times(tree: &Path, epoch: i64) -> Result<usize> {
         let path = std::ffi::CString::new(entry.path().as_os_str().as_bytes())?;
         let times = [ts, ts];
         let rc = unsafe {
-            libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            libc::utimensat(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error())

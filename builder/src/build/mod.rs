@@ -93,8 +93,14 @@ pub struct Built {
 pub fn run(args: &BuildArgs) -> Result<()> {
     if let Some(dir) = &args.print_bootstrap {
         let recipe = Recipe::load(&args.recipe)?;
-        let epoch = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        println!("{}", bootstrap::command(&recipe, dir, None, epoch).display());
+        let epoch = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        println!(
+            "{}",
+            bootstrap::command(&recipe, dir, None, epoch).display()
+        );
         return Ok(());
     }
     let built = build(args).map_err(explain_disk_full)?;
@@ -185,7 +191,11 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
             recipe.mirror()
         ),
     );
-    let _key_lock = if args.no_cache { None } else { Some(base_cache.lock(&base_key)?) };
+    let _key_lock = if args.no_cache {
+        None
+    } else {
+        Some(base_cache.lock(&base_key)?)
+    };
     let hit = !args.no_cache && base_cache.restore(&base_key, &tree)?;
     if !hit && args.offline {
         bail!(
@@ -197,8 +207,14 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         );
     }
     let outcome = if hit {
-        step.done(&format!("base tree {} from the cache", crate::cache::short(&base_key)));
-        bootstrap::Outcome { cache_hit: true, ..Default::default() }
+        step.done(&format!(
+            "base tree {} from the cache",
+            crate::cache::short(&base_key)
+        ));
+        bootstrap::Outcome {
+            cache_hit: true,
+            ..Default::default()
+        }
     } else {
         let outcome = bootstrap::run(&recipe, &tree, &cache, epoch, &step, &sources.repositories)?;
         if !args.no_cache {
@@ -349,12 +365,19 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
             .collect(),
         source_date_epoch: epoch,
         archive: (&sources.base).into(),
-        repositories: sources.repositories.iter().map(|r| (&r.archive).into()).collect(),
+        repositories: sources
+            .repositories
+            .iter()
+            .map(|r| (&r.archive).into())
+            .collect(),
         artifacts,
         kernel,
         kernel_cmdline: cmdline,
         packages,
-        base_tree: manifest::BaseTree { key: base_key.clone(), cache_hit: outcome.cache_hit },
+        base_tree: manifest::BaseTree {
+            key: base_key.clone(),
+            cache_hit: outcome.cache_hit,
+        },
         downloaded_packages: outcome.downloaded.len(),
         cached_packages: outcome.cached,
         sizes: manifest::Sizes {
@@ -402,16 +425,28 @@ fn base_key(recipe: &Recipe, sources: &crate::sources::Sources, epoch: i64) -> R
         ("kernel".into(), kernel.to_vec()),
         ("packages".into(), packages.into_bytes()),
         ("keyring".into(), keyring),
-        ("inrelease".into(), sources.base.inrelease_sha256.clone().into_bytes()),
+        (
+            "inrelease".into(),
+            sources.base.inrelease_sha256.clone().into_bytes(),
+        ),
         ("epoch".into(), epoch.into_bytes()),
     ];
     for repo in &sources.repositories {
         let name = &repo.archive.name;
-        inputs.push((format!("repo:{name}"), serde_json::to_vec(&repo.repository)?));
+        inputs.push((
+            format!("repo:{name}"),
+            serde_json::to_vec(&repo.repository)?,
+        ));
         inputs.push((format!("repo:{name}:key"), repo.keyring.clone()));
-        inputs.push((format!("repo:{name}:inrelease"), repo.archive.inrelease_sha256.clone().into_bytes()));
+        inputs.push((
+            format!("repo:{name}:inrelease"),
+            repo.archive.inrelease_sha256.clone().into_bytes(),
+        ));
     }
-    let borrowed: Vec<(&str, &[u8])> = inputs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let borrowed: Vec<(&str, &[u8])> = inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
     Ok(crate::cache::key(&borrowed))
 }
 

@@ -44,7 +44,10 @@ fn dir_size(path: &std::path::Path) -> u64 {
 }
 
 pub fn run(args: &CacheArgs) -> Result<()> {
-    let root = args.cache_dir.clone().unwrap_or_else(crate::build::default_cache_dir);
+    let root = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(crate::build::default_cache_dir);
     let base = BaseCache::new(&root);
     match args.action {
         Action::List => {
@@ -58,7 +61,12 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                     .and_then(|m| SystemTime::now().duration_since(m).ok())
                     .map(|d| format!("used {}h ago", d.as_secs() / 3600))
                     .unwrap_or_else(|| "incomplete".into());
-                println!("  base {}  {:>10}  {age}  {}", short(&e.key), human(e.bytes), e.label);
+                println!(
+                    "  base {}  {:>10}  {age}  {}",
+                    short(&e.key),
+                    human(e.bytes),
+                    e.label
+                );
             }
         }
         Action::Prune { days, all } => {

@@ -55,7 +55,9 @@ pub fn key(inputs: &[(&str, &[u8])]) -> String {
 
 impl BaseCache {
     pub fn new(cache_root: &Path) -> BaseCache {
-        BaseCache { dir: cache_root.join("base") }
+        BaseCache {
+            dir: cache_root.join("base"),
+        }
     }
 
     fn tar(&self, key: &str) -> PathBuf {
@@ -75,7 +77,11 @@ impl BaseCache {
         let path = self.dir.join(format!("{key}.lock"));
         let f = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(KeyLock(f))
     }
@@ -89,7 +95,10 @@ impl BaseCache {
     pub fn restore(&self, key: &str, tree: &Path) -> Result<bool> {
         if !self.contains(key) {
             if self.tar(key).exists() {
-                tracing::warn!("base cache entry {} is incomplete; bootstrapping again", short(key));
+                tracing::warn!(
+                    "base cache entry {} is incomplete; bootstrapping again",
+                    short(key)
+                );
                 self.remove(key);
             }
             return Ok(false);
@@ -107,14 +116,24 @@ impl BaseCache {
         }
         fs_err::create_dir_all(tree)?;
         Cmd::new("tar")
-            .args(["--extract", "--numeric-owner", "--same-permissions", "--xattrs", "--xattrs-include=*", "-C"])
+            .args([
+                "--extract",
+                "--numeric-owner",
+                "--same-permissions",
+                "--xattrs",
+                "--xattrs-include=*",
+                "-C",
+            ])
             .arg(tree)
             .arg("-f")
             .arg(self.tar(key))
             .output()
             .context("unpacking the cached base tree")?;
         // Touch the entry so `cache prune` keeps what is in use.
-        let _ = File::options().append(true).open(self.sum(key)).and_then(|f| f.set_modified(SystemTime::now()));
+        let _ = File::options()
+            .append(true)
+            .open(self.sum(key))
+            .and_then(|f| f.set_modified(SystemTime::now()));
         Ok(true)
     }
 
@@ -124,7 +143,14 @@ impl BaseCache {
         let partial = self.dir.join(format!(".{key}.tar.partial"));
         let result = (|| -> Result<()> {
             Cmd::new("tar")
-                .args(["--create", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sort=name", "-C"])
+                .args([
+                    "--create",
+                    "--numeric-owner",
+                    "--xattrs",
+                    "--xattrs-include=*",
+                    "--sort=name",
+                    "-C",
+                ])
                 .arg(tree)
                 .arg("-f")
                 .arg(&partial)
@@ -154,10 +180,14 @@ impl BaseCache {
 
     pub fn list(&self) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
-        let Ok(dir) = fs_err::read_dir(&self.dir) else { return Ok(out) };
+        let Ok(dir) = fs_err::read_dir(&self.dir) else {
+            return Ok(out);
+        };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(key) = name.strip_suffix(".tar") else { continue };
+            let Some(key) = name.strip_suffix(".tar") else {
+                continue;
+            };
             if key.starts_with('.') {
                 continue;
             }
@@ -166,11 +196,16 @@ impl BaseCache {
                 key: key.to_owned(),
                 bytes: meta.len(),
                 complete: self.sum(key).is_file(),
-                modified: fs_err::metadata(self.sum(key)).ok().and_then(|m| m.modified().ok()),
-                label: fs_err::read_to_string(self.label_file(key)).unwrap_or_default().trim().to_owned(),
+                modified: fs_err::metadata(self.sum(key))
+                    .ok()
+                    .and_then(|m| m.modified().ok()),
+                label: fs_err::read_to_string(self.label_file(key))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
             });
         }
-        out.sort_by(|a, b| b.modified.cmp(&a.modified));
+        out.sort_by_key(|e| std::cmp::Reverse(e.modified));
         Ok(out)
     }
 }
@@ -212,8 +247,14 @@ mod tests {
         }
         let out = tmp.path().join("out");
         assert!(cache.restore(&k, &out).unwrap());
-        assert_eq!(fs_err::read_to_string(out.join("etc/os-release")).unwrap(), "ID=debian\n");
-        assert_eq!(fs_err::read_link(out.join("etc/link")).unwrap(), Path::new("os-release"));
+        assert_eq!(
+            fs_err::read_to_string(out.join("etc/os-release")).unwrap(),
+            "ID=debian\n"
+        );
+        assert_eq!(
+            fs_err::read_link(out.join("etc/link")).unwrap(),
+            Path::new("os-release")
+        );
         assert_eq!(cache.list().unwrap()[0].label, "debian trixie");
 
         // Flip one byte of the archive: the next restore refuses it and drops the entry.

@@ -24,7 +24,7 @@ pub fn estimate(tree: &Path) -> Result<u64> {
         if meta.is_file() || meta.is_dir() {
             data += meta.len().div_ceil(BLOCK) * BLOCK;
         }
-        if inodes % 4096 == 0 {
+        if inodes.is_multiple_of(4096) {
             crate::interrupt::check()?;
         }
     }
@@ -46,7 +46,11 @@ fn version(cmd: Cmd) -> Option<(u32, u32, u32)> {
     let out = cmd.arg("-V").output_all().ok()?;
     let word = out.split_whitespace().nth(1)?;
     let mut parts = word.split('.').map(|p| p.parse::<u32>().ok());
-    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 /// The mke2fs to use: the host's when it is recent enough to make reproducible filesystems,
@@ -56,7 +60,9 @@ fn mke2fs(tree: &Path) -> (Cmd, String) {
     let host = crate::hosttools::find_program("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into());
     let host_cmd = Cmd::new(&host).arg("-t").arg("ext4");
     match version(Cmd::new(&host)) {
-        Some(v) if v >= REPRODUCIBLE => return (host_cmd, format!("host mke2fs {}.{}.{}", v.0, v.1, v.2)),
+        Some(v) if v >= REPRODUCIBLE => {
+            return (host_cmd, format!("host mke2fs {}.{}.{}", v.0, v.1, v.2));
+        }
         _ => {}
     }
     let libdir = tree.join("usr/lib/x86_64-linux-gnu");
@@ -72,7 +78,10 @@ fn mke2fs(tree: &Path) -> (Cmd, String) {
     if loader.is_file() && own.is_file() {
         match version(tree_cmd()) {
             Some(v) if v >= REPRODUCIBLE => {
-                return (tree_cmd().arg("-t").arg("ext4"), format!("the image's mke2fs {}.{}.{}", v.0, v.1, v.2));
+                return (
+                    tree_cmd().arg("-t").arg("ext4"),
+                    format!("the image's mke2fs {}.{}.{}", v.0, v.1, v.2),
+                );
             }
             _ => {}
         }
