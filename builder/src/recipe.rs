@@ -62,7 +62,9 @@ impl Distribution {
     /// snapshot service.
     pub fn snapshot_mirror(self, timestamp: &str) -> String {
         match self {
-            Distribution::Debian => format!("http://snapshot.debian.org/archive/debian/{timestamp}"),
+            Distribution::Debian => {
+                format!("http://snapshot.debian.org/archive/debian/{timestamp}")
+            }
             Distribution::Ubuntu => format!("https://snapshot.ubuntu.com/ubuntu/{timestamp}"),
         }
     }
@@ -998,12 +1000,26 @@ greeting = "hi"
     #[test]
     fn a_snapshot_pins_the_mirror() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "s.toml", "[base]\nsuite = \"trixie\"\nsnapshot = \"20251201T000000Z\"\n");
+        let path = write(
+            dir.path(),
+            "s.toml",
+            "[base]\nsuite = \"trixie\"\nsnapshot = \"20251201T000000Z\"\n",
+        );
         let r = Recipe::load(&path).unwrap();
-        assert_eq!(r.base.mirror, "http://snapshot.debian.org/archive/debian/20251201T000000Z");
-        let path = write(dir.path(), "s.toml", "[base]\nsuite = \"trixie\"\nsnapshot = \"2025-12-01\"\n");
+        assert_eq!(
+            r.base.mirror,
+            "http://snapshot.debian.org/archive/debian/20251201T000000Z"
+        );
+        let path = write(
+            dir.path(),
+            "s.toml",
+            "[base]\nsuite = \"trixie\"\nsnapshot = \"2025-12-01\"\n",
+        );
         let err = format!("{:#}", Recipe::load(&path).unwrap_err());
-        assert!(err.contains("`base.snapshot`") && err.contains("20251201T000000Z"), "{err}");
+        assert!(
+            err.contains("`base.snapshot`") && err.contains("20251201T000000Z"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -29,7 +29,14 @@ pub fn bin(name: &str) -> PathBuf {
         BUILD.call_once(|| {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = std::process::Command::new(cargo)
-                .args(["build", "--release", "-p", "omni-image", "-p", "omni-firstboot"])
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "omni-image",
+                    "-p",
+                    "omni-firstboot",
+                ])
                 .current_dir(workspace())
                 .env("CARGO_TARGET_DIR", &target)
                 .status()

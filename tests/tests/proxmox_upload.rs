@@ -57,7 +57,11 @@ fn upload_makes_a_template_with_the_documented_hardware() {
     assert_eq!(config["cores"], "2");
     assert_eq!(config["agent"], "1");
     assert!(config["description"].contains(&sha));
-    assert!(config["description"].contains("debian trixie"), "{}", config["description"]);
+    assert!(
+        config["description"].contains("debian trixie"),
+        "{}",
+        config["description"]
+    );
 
     // The uploaded file is gone from the import storage; the disk was imported from it.
     assert!(

@@ -1,7 +1,8 @@
 //! A machine id of its own for every clone.
 //!
 //! systemd makes a fresh id at boot when `/etc/machine-id` is empty or `uninitialized` (as the
-//! image ships it) and mounts it over the file until it is committed: that id is kept. An id
+//! image ships it), and writes it into the file, or mounts it over the file until it can be
+//! committed: that id is kept. An id
 //! that was already in the file when a machine first meets this agent came from elsewhere (a
 //! clone of a booted VM) and is replaced, before systemd-networkd derives DHCP identifiers
 //! from it.
@@ -35,10 +36,27 @@ fn is_transient(root: &Root) -> bool {
     file.dev() != dir.dev()
 }
 
+/// Whether `/etc/machine-id` was written during this boot: systemd fills an empty file
+/// itself when the root is already writable (the image's kernel command line has `rw`), and
+/// journald files its logs under that id, so it must be kept.
+fn written_this_boot(root: &Root) -> bool {
+    if !root.is_live() {
+        return false;
+    }
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<i64>().ok())
+    });
+    let mtime = std::fs::metadata(root.join("/etc/machine-id"))
+        .ok()
+        .map(|m| m.mtime());
+    matches!((btime, mtime), (Some(b), Some(m)) if m >= b - 1)
+}
+
 /// `new_machine` is true when this agent has not seen this machine before.
 pub fn apply(root: &Root, new_machine: bool) -> Result<Outcome> {
     if let Some(id) = read(root)
-        && (!new_machine || is_transient(root))
+        && (!new_machine || is_transient(root) || written_this_boot(root))
     {
         return Ok(Outcome::Kept(id));
     }
