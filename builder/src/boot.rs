@@ -118,6 +118,29 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
+fn read_at(path: &Path, offset: u64, len: usize) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).ok()?;
+    Some(buf)
+}
+
+/// A raw disk with an MBR or a GPT's protective MBR ends its first sector with 55 AA.
+fn has_boot_signature(path: &Path) -> bool {
+    read_at(path, 510, 2).is_some_and(|b| b == [0x55, 0xaa])
+}
+
+/// An ISO 9660 volume (`CD001` in its first descriptor) or a FAT filesystem.
+fn is_seed_image(path: &Path) -> bool {
+    let iso = read_at(path, 32769, 5).is_some_and(|b| b == b"CD001");
+    let fat = read_at(path, 0, 512).is_some_and(|b| {
+        b[510..] == [0x55, 0xaa] && (b[54..57] == *b"FAT" || b[82..85] == *b"FAT")
+    });
+    iso || fat
+}
+
 fn image_format(image: &Path) -> Result<String> {
     let out = Cmd::new("qemu-img")
         .args(["info", "--output=json"])
@@ -140,6 +163,21 @@ pub fn boot(args: &BootArgs) -> Result<Report> {
         bail!("--seed: {} does not exist", seed.display());
     }
     let format = image_format(&args.image)?;
+    if format == "raw" && !has_boot_signature(&args.image) {
+        bail!(
+            "{} is not a disk image: qemu-img reads it as raw and it has no partition table",
+            args.image.display()
+        );
+    }
+    if let Some(seed) = &args.seed
+        && !is_seed_image(seed)
+    {
+        bail!(
+            "--seed: {} is neither an ISO 9660 nor a FAT image; make one with `omni-image seed \
+             USER_DATA -o seed.iso`",
+            seed.display()
+        );
+    }
     let tmp = tempfile::Builder::new()
         .prefix("omni-image-boot-")
         .tempdir()?;
@@ -505,6 +543,30 @@ pub fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_disk_and_seed_images_from_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("notes.qcow2");
+        std::fs::write(&text, "hello\n").unwrap();
+        assert!(!has_boot_signature(&text) && !is_seed_image(&text));
+        let mut sector = vec![0u8; 4096];
+        sector[510] = 0x55;
+        sector[511] = 0xaa;
+        let disk = dir.path().join("disk.raw");
+        std::fs::write(&disk, &sector).unwrap();
+        assert!(has_boot_signature(&disk));
+        assert!(!is_seed_image(&disk), "a bare MBR is no FAT filesystem");
+        sector[82..85].copy_from_slice(b"FAT");
+        let fat = dir.path().join("seed.img");
+        std::fs::write(&fat, &sector).unwrap();
+        assert!(is_seed_image(&fat));
+        let mut iso = vec![0u8; 40_000];
+        iso[32769..32774].copy_from_slice(b"CD001");
+        let iso_path = dir.path().join("seed.iso");
+        std::fs::write(&iso_path, &iso).unwrap();
+        assert!(is_seed_image(&iso_path));
+    }
 
     #[test]
     fn strips_colour_codes() {

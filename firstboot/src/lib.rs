@@ -105,12 +105,11 @@ pub fn check_user_data(bytes: &[u8], origin: &str) -> Check {
             if let Some(section) = &c.appliance {
                 let findings = appliance::check(section);
                 check.errors.extend(findings.invalid);
-                check.warnings.extend(
-                    findings
-                        .unknown
-                        .into_iter()
-                        .map(|k| format!("{k}: unknown key, ignored")),
-                );
+                // At boot an unknown key is only reported; in a seed being written it is
+                // most likely a misspelling, and the appliance would come up without it.
+                check.errors.extend(findings.unknown.into_iter().map(|k| {
+                    format!("{k}: unknown key (misspelled?); the appliance would ignore it")
+                }));
                 check.warnings.extend(findings.missing.into_iter().map(|k| {
                     format!("{k} is missing: the service that needs it will stay stopped")
                 }));

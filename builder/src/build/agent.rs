@@ -15,8 +15,20 @@ pub const APPLIANCE_FILE: &str = "etc/omni-image/appliance";
 /// (where `cargo build` puts both).
 pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
-        if !p.is_file() {
+        if !p.exists() {
             bail!("--firstboot: {} does not exist", p.display());
+        }
+        let elf = std::fs::File::open(p).and_then(|mut f| {
+            use std::io::Read;
+            let mut magic = [0u8; 4];
+            f.read_exact(&mut magic).map(|_| magic == *b"\x7fELF")
+        });
+        if !p.is_file() || !matches!(elf, Ok(true)) {
+            bail!(
+                "--firstboot: {} is not a program (an ELF executable); pass the omni-firstboot \
+                 binary, e.g. target/release/omni-firstboot",
+                p.display()
+            );
         }
         return Ok(p.to_path_buf());
     }

@@ -192,32 +192,25 @@ pub fn run(
 /// "unreachable mirror" before mmdebstrap spends time finding out, and its date is the
 /// default `SOURCE_DATE_EPOCH`.
 pub fn fetch_inrelease(recipe: &Recipe) -> Result<Vec<u8>> {
+    use crate::sources::fetch::{self, FetchError};
     let url = format!("{}/dists/{}/InRelease", recipe.mirror(), recipe.base.suite);
-    let agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    match agent.get(&url).call() {
-        Ok(mut resp) if resp.status().is_success() => Ok(resp
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_vec()
-            .with_context(|| format!("reading {url}"))?),
-        Ok(resp) if resp.status().as_u16() == 404 => bail!(
+    fetch::get(&url).map_err(|err| match err.downcast_ref::<FetchError>() {
+        Some(FetchError::Status { status: 404, .. }) => anyhow::anyhow!(
             "base.suite: `{}` is not a suite of {} ({url} answered 404); check the spelling \
              (Debian 13 is \"trixie\", Ubuntu 24.04 \"noble\")",
             recipe.base.suite,
             recipe.mirror()
         ),
-        Ok(resp) => bail!("base.mirror: {url} answered {}", resp.status()),
-        Err(err) => bail!(
-            "base.mirror: cannot reach {} ({err}); check the network or set base.mirror to a \
-             mirror you can reach",
+        Some(FetchError::Status { status, .. }) => {
+            anyhow::anyhow!("base.mirror: {url} answered {status}")
+        }
+        Some(FetchError::Unreachable { reason, .. }) => anyhow::anyhow!(
+            "base.mirror: cannot reach {} ({reason}); check the network or set base.mirror to \
+             a mirror you can reach",
             recipe.mirror()
         ),
-    }
+        None => err,
+    })
 }
 
 /// Fetches the suite's `InRelease` and verifies it against `base.keyring` (which may hold

@@ -14,6 +14,30 @@ use serde_json::Value;
 use super::api::{Api, ApiError};
 use super::{DeployArgs, Target, enc};
 
+/// Reads `--seed` and checks it as `omni-image seed` does, before anything is sent.
+fn read_seed(path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = fs_err::read(path).context("--seed")?;
+    let Ok(text) = String::from_utf8(bytes) else {
+        anyhow::bail!(
+            "--seed: {} is not text: deploy takes the cloud-config (user-data) YAML and writes \
+             the seed ISO itself",
+            path.display()
+        );
+    };
+    let origin = path.display().to_string();
+    let check = omni_firstboot::check_user_data(text.as_bytes(), &origin);
+    for w in &check.warnings {
+        tracing::warn!("{w}");
+    }
+    if !check.errors.is_empty() {
+        anyhow::bail!(
+            "--seed: {origin} cannot be used:\n  {}",
+            check.errors.join("\n  ")
+        );
+    }
+    Ok(text)
+}
+
 /// The CD-ROM slot of the seed ISO (`ide2` is Proxmox's own cloud-init drive).
 const SEED_SLOT: &str = "ide3";
 
@@ -26,7 +50,7 @@ pub async fn run(args: &DeployArgs, api: &Api, target: &Target) -> anyhow::Resul
     }
     let ipconfig = args.ip.as_deref().map(ipconfig).transpose()?;
     let seed_text = match &args.seed {
-        Some(path) => Some(fs_err::read_to_string(path).context("reading the seed")?),
+        Some(path) => Some(read_seed(path)?),
         None => None,
     };
 

@@ -113,11 +113,12 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<UserData> {
     if text.trim().is_empty() {
         return Ok(UserData::Config(Box::default()));
     }
+    // Nothing of the text itself is quoted: user-data carries secrets, and a file without
+    // the header may well start with one.
     if first.starts_with("#!") {
         return Ok(UserData::Skipped(format!(
-            "{origin} is a script (`{}`); omni-firstboot does not run scripts: use \
-             #cloud-config with write_files instead",
-            first.chars().take(40).collect::<String>()
+            "{origin} is a script (it starts with `#!`); omni-firstboot does not run scripts: \
+             use #cloud-config with write_files instead"
         )));
     }
     let lower = text.to_ascii_lowercase();
@@ -129,8 +130,8 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<UserData> {
     }
     if !first.starts_with("#cloud-config") {
         return Ok(UserData::Skipped(format!(
-            "{origin} does not start with `#cloud-config` (its first line is `{}`); skipped",
-            first.chars().take(40).collect::<String>()
+            "{origin} does not start with `#cloud-config` (its first line must be exactly \
+             that); it is not applied"
         )));
     }
     let doc: Value = serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {origin}"))?;
