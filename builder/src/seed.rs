@@ -63,7 +63,28 @@ pub fn run(args: &SeedArgs) -> Result<()> {
         None => omni_firstboot::instance_id(&user_data, network.as_deref().unwrap_or_default()),
     };
 
-    let out_dir = match args.output.parent() {
+    write_iso(
+        &user_data,
+        &format!("instance-id: {instance_id}\n"),
+        network.as_deref(),
+        &args.output,
+    )?;
+    tracing::info!(
+        "wrote {} (instance-id {instance_id})",
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// Writes a NoCloud seed ISO at `out` (0600, renamed into place only when complete):
+/// `user-data`, `meta-data`, `network-config` when given, and an empty `vendor-data`.
+pub fn write_iso(
+    user_data: &[u8],
+    meta_data: &str,
+    network: Option<&[u8]>,
+    out: &Path,
+) -> Result<()> {
+    let out_dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -75,12 +96,9 @@ pub fn run(args: &SeedArgs) -> Result<()> {
     let files = staging.path().join("files");
     fs_err::create_dir(&files)?;
     fs_err::set_permissions(&files, std::fs::Permissions::from_mode(0o700))?;
-    write_private(&files.join("user-data"), &user_data)?;
-    write_private(
-        &files.join("meta-data"),
-        format!("instance-id: {instance_id}\n").as_bytes(),
-    )?;
-    if let Some(network) = &network {
+    write_private(&files.join("user-data"), user_data)?;
+    write_private(&files.join("meta-data"), meta_data.as_bytes())?;
+    if let Some(network) = network {
         write_private(&files.join("network-config"), network)?;
     }
     write_private(&files.join("vendor-data"), b"")?;
@@ -91,12 +109,7 @@ pub fn run(args: &SeedArgs) -> Result<()> {
     iso_command(&iso, &files)?
         .output()
         .context("writing the seed ISO")?;
-    fs_err::rename(&iso, &args.output)?;
-
-    tracing::info!(
-        "wrote {} (instance-id {instance_id})",
-        args.output.display()
-    );
+    fs_err::rename(&iso, out)?;
     Ok(())
 }
 

@@ -391,51 +391,22 @@ fn network_config(net0: &str, ip: Option<&str>) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Writes a NoCloud seed ISO: `user-data` is the given cloud-config, `network-config` the
-/// network, `meta-data` names the instance. Kept behind this one function so
-/// `omni-image seed`'s writer can replace it.
-// TODO: call `crate::seed`'s writer once it has a public one; until then genisoimage.
+/// Writes the clone's NoCloud seed ISO: `user-data` is the given cloud-config,
+/// `network-config` the network, `meta-data` names the instance (its id computed as Proxmox
+/// computes it) and the host.
 pub fn write_seed_iso(
     user_data: &str,
     network: &str,
     hostname: &str,
     out: &Path,
 ) -> anyhow::Result<()> {
-    use sha2::Digest;
-    let dir = tempfile::Builder::new()
-        .prefix("omni-seed-tree-")
-        .tempdir()?;
-    let id = hex::encode(&sha2::Sha256::digest(format!("{user_data}{network}").as_bytes())[..8]);
-    fs_err::write(dir.path().join("user-data"), user_data)?;
-    fs_err::write(dir.path().join("network-config"), network)?;
-    fs_err::write(
-        dir.path().join("meta-data"),
-        format!("instance-id: {hostname}-{id}\nlocal-hostname: {hostname}\n"),
-    )?;
-    let mut cmd = std::process::Command::new("genisoimage");
-    cmd.args([
-        "-quiet",
-        "-iso-level",
-        "3",
-        "-J",
-        "-R",
-        "-V",
-        "cidata",
-        "-o",
-    ])
-    .arg(out)
-    .arg(dir.path());
-    let output = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("running genisoimage (install the `genisoimage` package)")?;
-    if !output.status.success() {
-        bail!(
-            "genisoimage failed: {}\n  to reproduce: {cmd:?}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
+    let id = omni_firstboot::instance_id(user_data.as_bytes(), network.as_bytes());
+    crate::seed::write_iso(
+        user_data.as_bytes(),
+        &format!("instance-id: {id}\nlocal-hostname: {hostname}\n"),
+        Some(network.as_bytes()),
+        out,
+    )
 }
 
 fn check_size(size: &str) -> anyhow::Result<()> {
