@@ -37,6 +37,18 @@ pub fn omni_image(args: &[&str]) -> Output {
     out
 }
 
+/// Runs a host tool and returns what it printed on stdout; fails the test, with its stderr,
+/// when the tool fails.
+pub fn host(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("running a host tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -4,31 +4,23 @@
 use std::path::Path;
 use std::process::Command;
 
-use omni_image_tests::images::{built_image, heavy_lock, omni_image, stderr, stdout};
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("running a host tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use omni_image_tests::images::{built_image, heavy_lock, host, omni_image, stderr, stdout};
 
 /// Checks the disk with tools that share no code with the builder: qemu-img, sfdisk,
 /// mtools and e2fsck.
 fn check_disk(qcow2: &Path) {
-    run(Command::new("qemu-img").arg("check").arg(qcow2));
+    host(Command::new("qemu-img").arg("check").arg(qcow2));
     let tmp = tempfile::tempdir().unwrap();
     let raw = tmp.path().join("disk.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(qcow2)
-        .arg(&raw));
+    host(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(qcow2)
+            .arg(&raw),
+    );
 
     let table: serde_json::Value =
-        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
+        serde_json::from_str(&host(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
     assert_eq!(table["partitiontable"]["label"], "gpt");
     assert_eq!(parts.len(), 2, "{table}");
@@ -37,9 +29,9 @@ fn check_disk(qcow2: &Path) {
     let esp_offset = parts[0]["start"].as_u64().unwrap() * 512;
     let image = format!("{}@@{esp_offset}", raw.display());
 
-    let listing = run(Command::new("mdir").args(["-i", &image, "-b", "::/EFI/BOOT"]));
+    let listing = host(Command::new("mdir").args(["-i", &image, "-b", "::/EFI/BOOT"]));
     assert!(listing.to_uppercase().contains("BOOTX64.EFI"), "{listing}");
-    let entries = run(Command::new("mdir").args(["-i", &image, "-b", "::/loader/entries"]));
+    let entries = host(Command::new("mdir").args(["-i", &image, "-b", "::/loader/entries"]));
     assert!(entries.contains(".conf"), "{entries}");
 
     // The root filesystem, cut out of the disk, is clean ext4.
@@ -48,17 +40,19 @@ fn check_disk(qcow2: &Path) {
         parts[1]["start"].as_u64().unwrap(),
         parts[1]["size"].as_u64().unwrap(),
     );
-    run(Command::new("dd")
-        .arg(format!("if={}", raw.display()))
-        .arg(format!("of={}", root.display()))
-        .args([
-            "bs=512",
-            &format!("skip={start}"),
-            &format!("count={size}"),
-            "conv=sparse",
-            "status=none",
-        ]));
-    run(Command::new("e2fsck").args(["-fn"]).arg(&root));
+    host(
+        Command::new("dd")
+            .arg(format!("if={}", raw.display()))
+            .arg(format!("of={}", root.display()))
+            .args([
+                "bs=512",
+                &format!("skip={start}"),
+                &format!("count={size}"),
+                "conv=sparse",
+                "status=none",
+            ]),
+    );
+    host(Command::new("e2fsck").args(["-fn"]).arg(&root));
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use omni_image_tests::images::{heavy_lock, omni_image, stderr};
+use omni_image_tests::images::{heavy_lock, host, omni_image, stderr};
 use omni_image_tests::workspace;
 use sequoia_openpgp as openpgp;
 use sha2::{Digest, Sha256};
@@ -23,16 +23,6 @@ use openpgp::serialize::stream::{Message, Signer};
 const PACKAGE: &str = "omni-image-fixture";
 const PAYLOAD: &str = "/usr/share/omni-image-fixture/hello";
 const TOOL: &[u8] = b"#!/bin/sh\necho fixture tsidp\n";
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("running a host tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -95,17 +85,19 @@ fn build_deb(work: &Path, version: &str) -> Vec<u8> {
     )
     .unwrap();
     let deb = work.join(format!("{PACKAGE}_{version}_all.deb"));
-    run(Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-Zgzip", "--build"])
-        .arg(&root)
-        .arg(&deb));
+    host(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-Zgzip", "--build"])
+            .arg(&root)
+            .arg(&deb),
+    );
     fs_err::read(&deb).unwrap()
 }
 
 /// The Release text for one Packages index, dated a minute ago.
 fn release(packages: &[u8]) -> String {
     let date =
-        run(Command::new("date").args(["-u", "-d", "1 minute ago", "+%a, %d %b %Y %H:%M:%S UTC"]))
+        host(Command::new("date").args(["-u", "-d", "1 minute ago", "+%a, %d %b %Y %H:%M:%S UTC"]))
             .trim()
             .to_owned();
     format!(
@@ -246,12 +238,14 @@ fn fixture() -> Fixture {
     fs_err::create_dir_all(&tool).unwrap();
     fs_err::write(tool.join("tsidp"), TOOL).unwrap();
     fs_err::write(tool.join("LICENSE"), b"fixture\n").unwrap();
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&tool)
-        .args(["-czf"])
-        .arg(root.join("tsidp.tar.gz"))
-        .args(["./tsidp", "./LICENSE"]));
+    host(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&tool)
+            .args(["-czf"])
+            .arg(root.join("tsidp.tar.gz"))
+            .args(["./tsidp", "./LICENSE"]),
+    );
     let tarball_sha256 = sha256(&fs_err::read(root.join("tsidp.tar.gz")).unwrap());
     fs_err::write(root.join("tampered.tar.gz"), b"not the tarball").unwrap();
 
@@ -300,12 +294,14 @@ formats = ["raw"]
 /// Runs debugfs on the root filesystem of a raw disk, in place (no copy, no mount).
 fn debugfs(raw: &Path, request: &str) -> String {
     let table: serde_json::Value =
-        serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(raw))).unwrap();
+        serde_json::from_str(&host(Command::new("sfdisk").arg("--json").arg(raw))).unwrap();
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
     let offset = parts[1]["start"].as_u64().unwrap() * 512;
-    run(Command::new("debugfs")
-        .args(["-R", request])
-        .arg(format!("{}?offset={offset}", raw.display())))
+    host(
+        Command::new("debugfs")
+            .args(["-R", request])
+            .arg(format!("{}?offset={offset}", raw.display())),
+    )
 }
 
 #[test]
