@@ -30,5 +30,7 @@ test-unit:
 # Benchmarks; figures go to bench/results/ (run as root).
 bench: binaries
     bench/build.sh
+    bench/build.sh recipes/omni.toml
+    bench/fresh-bootstrap.sh
     bench/firstboot.sh
     cargo run --release -p omni-image-tests --bin bench_upload

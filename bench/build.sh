@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bin=./target/release/omni-image
 recipe=${1:-recipes/tsidp.toml}
 name=$(basename "$recipe" .toml)
-results=bench/results/build.txt
+results=bench/results/build-$(basename "$recipe" .toml).txt
 work=$(mktemp -d /var/tmp/omni-image-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
