@@ -21,7 +21,7 @@ boot image="out/tsidp.qcow2" *args="":
 
 # Every test, including the slow ones that build and boot real images.
 test:
-    cargo test --release --workspace
+    cargo test --release --workspace --no-fail-fast
 
 # Only the fast unit tests.
 test-unit:

@@ -144,7 +144,7 @@ fn a_disk_too_small_says_how_large_it_must_be_and_leaves_nothing() {
     fs_err::write(
         &recipe,
         format!(
-            "extends = \"{}\"\nname = \"tiny\"\n[disk]\nsize = \"400M\"\nesp-size = \"64M\"\n",
+            "extends = \"{}\"\nname = \"tiny\"\n[disk]\nsize = \"320M\"\nesp-size = \"64M\"\n",
             base.display()
         ),
     )
