@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::exec::Cmd;
 
@@ -230,6 +230,12 @@ pub fn setup(purpose: Option<Purpose>, install: bool) -> Result<()> {
         );
     }
     eprintln!("installing: {}", packages.join(" "));
+    // A fresh host may have no package lists yet.
+    Cmd::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["update", "-q"])
+        .run_lines(|line| tracing::debug!("  {line}"))
+        .context("apt-get update")?;
     Cmd::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "--no-install-recommends"])
