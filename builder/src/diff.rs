@@ -26,6 +26,9 @@ struct Manifest {
     packages: Vec<Package>,
     #[serde(default)]
     outputs: Vec<serde_json::Value>,
+    /// Absent in manifests of builds that did not record their files.
+    #[serde(default)]
+    files: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +90,57 @@ fn packages(old: &[Package], new: &[Package]) -> PackageChanges {
     (added, removed, changed)
 }
 
+/// How one path differs between two file lists.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FileChange {
+    Added,
+    Removed,
+    /// What changed: any of `kind`, `content`, `mode`, `owner`, `target`.
+    Changed(Vec<&'static str>),
+}
+
+/// The paths that differ between two file lists (see `build::manifest::file_list`), in path
+/// order.
+pub fn files<'a>(
+    old: &'a BTreeMap<String, String>,
+    new: &'a BTreeMap<String, String>,
+) -> Vec<(&'a str, FileChange)> {
+    let mut out = Vec::new();
+    for (path, was) in old {
+        match new.get(path) {
+            None => out.push((path.as_str(), FileChange::Removed)),
+            Some(is) if is != was => out.push((path.as_str(), FileChange::Changed(what(was, is)))),
+            Some(_) => {}
+        }
+    }
+    for path in new.keys().filter(|p| !old.contains_key(*p)) {
+        out.push((path.as_str(), FileChange::Added));
+    }
+    out.sort_by(|a, b| a.0.cmp(b.0));
+    out
+}
+
+fn what(was: &str, is: &str) -> Vec<&'static str> {
+    let (a, b): (Vec<&str>, Vec<&str>) = (was.split(' ').collect(), is.split(' ').collect());
+    if a[0] != b[0] {
+        return vec!["kind"];
+    }
+    if a[0] == "l" {
+        return vec!["target"];
+    }
+    let mut out = Vec::new();
+    if a.get(1) != b.get(1) {
+        out.push("mode");
+    }
+    if a.get(2) != b.get(2) {
+        out.push("owner");
+    }
+    if a.get(3..) != b.get(3..) {
+        out.push("content");
+    }
+    out
+}
+
 pub fn run(args: &DiffArgs) -> Result<()> {
     let (old, new) = (read(&args.old)?, read(&args.new)?);
     println!("{} -> {}", old.name, new.name);
@@ -119,6 +173,31 @@ pub fn run(args: &DiffArgs) -> Result<()> {
     for (n, a, b) in &changed {
         println!("~ {n} {a} -> {b}");
     }
+    let changed_files = match (&old.files, &new.files) {
+        (Some(o), Some(n)) => {
+            let changes = files(o, n);
+            for (path, change) in &changes {
+                match change {
+                    FileChange::Added => println!("+f {path}"),
+                    FileChange::Removed => println!("-f {path}"),
+                    FileChange::Changed(what) => println!("~f {path} ({})", what.join(", ")),
+                }
+            }
+            Some(changes.len())
+        }
+        _ => {
+            let without = if old.files.is_none() {
+                &args.old
+            } else {
+                &args.new
+            };
+            eprintln!(
+                "{} records no file list (built by an older omni-image): files not compared",
+                without.display()
+            );
+            None
+        }
+    };
     let sha = |m: &Manifest| {
         m.outputs
             .first()
@@ -128,10 +207,13 @@ pub fn run(args: &DiffArgs) -> Result<()> {
         println!("images are identical");
     }
     eprintln!(
-        "{} added, {} removed, {} upgraded or downgraded",
+        "packages: {} added, {} removed, {} upgraded or downgraded{}",
         added.len(),
         removed.len(),
-        changed.len()
+        changed.len(),
+        changed_files
+            .map(|n| format!("; {n} paths added, removed or changed"))
+            .unwrap_or_default()
     );
     Ok(())
 }
@@ -150,6 +232,43 @@ mod tests {
             version: version.into(),
             architecture: "amd64".into(),
         }
+    }
+
+    #[test]
+    fn names_each_changed_path_and_what_changed() {
+        let list = |entries: &[(&str, &str)]| -> BTreeMap<String, String> {
+            entries
+                .iter()
+                .map(|(p, w)| (p.to_string(), w.to_string()))
+                .collect()
+        };
+        let old = list(&[
+            ("/etc", "d 0755 0:0"),
+            ("/etc/motd", "f 0644 0:0 5 aa"),
+            ("/etc/shadow", "f 0640 0:42 100 bb"),
+            ("/usr/bin/old", "f 0755 0:0 9 cc"),
+            ("/usr/lib/os-release", "l ../os-release"),
+            ("/same", "f 0644 0:0 1 dd"),
+        ]);
+        let new = list(&[
+            ("/etc", "d 0755 0:0"),
+            ("/etc/motd", "f 0644 0:0 6 ab"),
+            ("/etc/shadow", "f 0600 0:0 100 bb"),
+            ("/usr/bin/new", "f 0755 0:0 9 cc"),
+            ("/usr/lib/os-release", "f 0644 0:0 1 ee"),
+            ("/same", "f 0644 0:0 1 dd"),
+        ]);
+        assert_eq!(
+            files(&old, &new),
+            [
+                ("/etc/motd", FileChange::Changed(vec!["content"])),
+                ("/etc/shadow", FileChange::Changed(vec!["mode", "owner"])),
+                ("/usr/bin/new", FileChange::Added),
+                ("/usr/bin/old", FileChange::Removed),
+                ("/usr/lib/os-release", FileChange::Changed(vec!["kind"])),
+            ]
+        );
+        assert!(files(&old, &old).is_empty());
     }
 
     #[test]

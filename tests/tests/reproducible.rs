@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use omni_image_tests::images::{built_image, heavy_lock, omni_image, stderr};
+use omni_image_tests::images::{built_image, heavy_lock, omni_image, stderr, stdout};
 use omni_image_tests::workspace;
 
 fn manifest(dir: &Path, name: &str) -> serde_json::Value {
@@ -64,6 +64,67 @@ fn cached_rebuilds_are_bit_identical_and_overlay_changes_show() {
     assert_eq!(third["base_tree"]["cache_hit"], true);
     assert_eq!(third["base_tree"]["key"], first["base_tree"]["key"]);
     assert_ne!(third["outputs"][0]["sha256"], first["outputs"][0]["sha256"]);
+
+    // `diff` names the one changed file, and finds nothing between the identical builds.
+    let diff = |x: &Path, y: &Path| {
+        let res = omni_image(&[
+            "diff",
+            x.join("tsidp.manifest.json").to_str().unwrap(),
+            y.join("tsidp.manifest.json").to_str().unwrap(),
+        ]);
+        assert!(res.status.success(), "{}", stderr(&res));
+        stdout(&res)
+    };
+    let same = diff(a.path(), b.path());
+    assert!(same.contains("images are identical"), "{same}");
+    assert!(!same.lines().any(|l| l.contains("f /")), "{same}");
+    let motd = if first["files"]["/etc/motd"].is_string() {
+        "~f /etc/motd (content)"
+    } else {
+        "+f /etc/motd"
+    };
+    let changes: Vec<String> = diff(a.path(), c.path())
+        .lines()
+        .filter(|l| l.contains("f /"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(changes, [motd]);
+}
+
+#[test]
+fn concurrent_builds_share_one_bootstrap() {
+    // Two cold builds of one recipe into one empty cache, at the same time: one bootstraps
+    // while the other waits for the entry, and both give the same image.
+    let _lock = heavy_lock();
+    let recipe = workspace().join("recipes/tsidp.toml");
+    let cache = tempfile::tempdir().unwrap();
+    let outs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let manifests: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = outs
+            .iter()
+            .map(|o| s.spawn(|| build(&recipe, o.path(), Some(cache.path()))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let hits: Vec<bool> = manifests
+        .iter()
+        .map(|m| m["base_tree"]["cache_hit"].as_bool().unwrap())
+        .collect();
+    assert!(
+        hits.contains(&true) && hits.contains(&false),
+        "exactly one build bootstraps: {hits:?}"
+    );
+    assert_eq!(
+        manifests[0]["outputs"][0]["sha256"],
+        manifests[1]["outputs"][0]["sha256"]
+    );
+    // The shared package cache holds whole files only, and no build's staging folder.
+    let apt = cache.path().join("apt");
+    let left: Vec<String> = fs_err::read_dir(&apt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["debian-trixie"], "{left:?}");
 }
 
 #[test]

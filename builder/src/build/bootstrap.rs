@@ -8,9 +8,7 @@
 //! starts ([`verify_base`]); extra repositories come in as further mirrors, each with its own
 //! pinned keyring as `signed-by` (see [`crate::sources`]).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 
@@ -116,7 +114,7 @@ pub fn command_with(
             ))
             .arg(format!(
                 "--customize-hook=sync-out /var/cache/apt/archives {}",
-                cache.display()
+                incoming_dir(cache).display()
             ))
             .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb");
     }
@@ -127,19 +125,38 @@ pub fn command_with(
     cmd
 }
 
-/// Package files in the cache, with size and modification time, to tell afterwards what was
-/// downloaded.
-fn snapshot(dir: &Path) -> Result<BTreeMap<String, (u64, SystemTime)>> {
-    let mut out = BTreeMap::new();
-    for entry in fs_err::read_dir(dir)? {
+/// Where one bootstrap's packages land before they are moved into the shared package cache,
+/// beside it (so that nothing of it is synced into a tree): a build never writes into files
+/// another build may be reading.
+fn incoming_dir(apt_cache: &Path) -> PathBuf {
+    let name = apt_cache.file_name().unwrap_or_default().to_string_lossy();
+    apt_cache.with_file_name(format!(".incoming-{name}-{}", std::process::id()))
+}
+
+/// Moves the packages of one bootstrap into the shared package cache, each by a rename, so
+/// concurrent builds only ever see whole files. Returns the names that were new and how many
+/// were there already.
+fn publish_packages(apt_cache: &Path) -> Result<(Vec<String>, usize)> {
+    let incoming = incoming_dir(apt_cache);
+    let (mut new, mut had) = (Vec::new(), 0);
+    for entry in fs_err::read_dir(&incoming)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".deb") {
-            let meta = entry.metadata()?;
-            out.insert(name, (meta.len(), meta.modified()?));
+        if !name.ends_with(".deb") {
+            continue;
+        }
+        // A package file's name holds its version: one already there is the same file.
+        let dest = apt_cache.join(&name);
+        if dest.exists() {
+            had += 1;
+        } else {
+            fs_err::rename(entry.path(), &dest)?;
+            new.push(name);
         }
     }
-    Ok(out)
+    fs_err::remove_dir_all(&incoming)?;
+    new.sort();
+    Ok((new, had))
 }
 
 pub fn apt_cache_dir(cache: &Path, recipe: &Recipe) -> PathBuf {
@@ -159,7 +176,12 @@ pub fn run(
 ) -> Result<Outcome> {
     let apt_cache = apt_cache_dir(cache, recipe);
     fs_err::create_dir_all(&apt_cache).context("creating the package cache")?;
-    let before = snapshot(&apt_cache)?;
+    let incoming = incoming_dir(&apt_cache);
+    if incoming.exists() {
+        // Left by an earlier build of the same process id that was killed.
+        fs_err::remove_dir_all(&incoming)?;
+    }
+    fs_err::create_dir_all(&incoming)?;
 
     let cmd = command_with(recipe, tree, Some(&apt_cache), epoch, repositories);
     let mut last_phase = String::new();
@@ -171,15 +193,12 @@ pub fn run(
             step.say(line);
         }
     })
-    .map_err(|err| explain(err, recipe, &last_phase))?;
+    .map_err(|err| {
+        let _ = fs_err::remove_dir_all(&incoming);
+        explain(err, recipe, &last_phase)
+    })?;
 
-    let after = snapshot(&apt_cache)?;
-    let downloaded: Vec<String> = after
-        .iter()
-        .filter(|(name, meta)| before.get(*name) != Some(meta))
-        .map(|(name, _)| name.clone())
-        .collect();
-    let cached = after.len() - downloaded.len();
+    let (downloaded, cached) = publish_packages(&apt_cache)?;
     repository::install(tree, repositories, epoch)?;
     Ok(Outcome {
         downloaded,

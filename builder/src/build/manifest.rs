@@ -1,9 +1,13 @@
 //! `NAME.manifest.json`: what an image holds and how it was made.
 
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::steps::Timing;
 use crate::recipe::Recipe;
@@ -26,6 +30,8 @@ pub struct Manifest<'a> {
     pub kernel: String,
     pub kernel_cmdline: String,
     pub packages: Vec<Package>,
+    /// Every path in the root filesystem, relative to `/`, with what it is (see [`file_list`]).
+    pub files: BTreeMap<String, String>,
     /// The base tree's cache key, and whether this build took it from the cache.
     pub base_tree: BaseTree,
     pub downloaded_packages: usize,
@@ -95,6 +101,54 @@ pub struct Package {
     pub architecture: String,
 }
 
+/// Every entry of the tree, described in one line so that two builds can be compared path
+/// by path: `d MODE UID:GID` for a folder, `f MODE UID:GID SIZE SHA256` for a regular file,
+/// `l TARGET` for a symbolic link and `c`/`b`/`p`/`s MODE UID:GID` for devices, FIFOs and
+/// sockets. Times are left out: they are clamped to the build's epoch anyway.
+pub fn file_list(tree: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut buf = vec![0u8; 1 << 16];
+    for entry in walkdir::WalkDir::new(tree).min_depth(1).sort_by_file_name() {
+        let entry = entry.with_context(|| format!("listing {}", tree.display()))?;
+        let path = entry.path();
+        let meta = path
+            .symlink_metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
+        let rel = path.strip_prefix(tree).unwrap_or(path);
+        let ft = meta.file_type();
+        let perm = format!("{:04o} {}:{}", meta.mode() & 0o7777, meta.uid(), meta.gid());
+        let what = if ft.is_symlink() {
+            format!("l {}", fs_err::read_link(path)?.display())
+        } else if ft.is_dir() {
+            format!("d {perm}")
+        } else if ft.is_file() {
+            let mut f = fs_err::File::open(path)?;
+            let mut h = Sha256::new();
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            format!("f {perm} {} {}", meta.len(), hex::encode(h.finalize()))
+        } else {
+            let kind = if ft.is_char_device() {
+                "c"
+            } else if ft.is_block_device() {
+                "b"
+            } else if ft.is_fifo() {
+                "p"
+            } else {
+                "s"
+            };
+            format!("{kind} {perm}")
+        };
+        out.insert(format!("/{}", rel.display()), what);
+    }
+    Ok(out)
+}
+
 /// The installed packages, from the tree's dpkg status file, sorted by name.
 pub fn installed_packages(tree: &Path) -> Result<Vec<Package>> {
     let status = fs_err::read_to_string(tree.join("var/lib/dpkg/status"))?;
@@ -131,6 +185,40 @@ fn parse_status(status: &str) -> Vec<Package> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_every_kind_of_entry_with_its_content_digest() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs_err::create_dir_all(root.join("etc/ssh")).unwrap();
+        fs_err::write(root.join("etc/hostname"), "idp\n").unwrap();
+        fs_err::set_permissions(
+            root.join("etc/hostname"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+        let files = file_list(root).unwrap();
+        let (uid, gid) = (unsafe { libc::getuid() }, unsafe { libc::getgid() });
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            ["/etc", "/etc/hostname", "/etc/resolv.conf", "/etc/ssh"]
+        );
+        assert_eq!(
+            files["/etc/hostname"],
+            format!(
+                "f 0640 {uid}:{gid} 4 {}",
+                hex::encode(Sha256::digest(b"idp\n"))
+            )
+        );
+        assert_eq!(files["/etc/resolv.conf"], "l ../run/resolv.conf");
+        assert!(
+            files["/etc/ssh"].starts_with("d 0"),
+            "{}",
+            files["/etc/ssh"]
+        );
+    }
 
     #[test]
     fn reads_only_installed_packages() {

@@ -273,7 +273,12 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     finalize::run(&tree, &recipe, &layout)?;
     finalize::clamp_times(&tree, epoch)?;
     let packages = manifest::installed_packages(&tree)?;
-    step.done(&format!("{} packages installed", packages.len()));
+    let files = manifest::file_list(&tree)?;
+    step.done(&format!(
+        "{} packages installed, {} paths",
+        packages.len(),
+        files.len()
+    ));
     crate::interrupt::check()?;
 
     let step = steps.start(
@@ -374,6 +379,7 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         kernel,
         kernel_cmdline: cmdline,
         packages,
+        files,
         base_tree: manifest::BaseTree {
             key: base_key.clone(),
             cache_hit: outcome.cache_hit,
