@@ -74,6 +74,18 @@ pub const TOOLS: &[Tool] = &[
         package: "coreutils",
         purposes: &[Build],
     },
+    // A command in the tree that needs /dev/null gets it bound in a mount namespace of its
+    // own.
+    Tool {
+        need: Program("unshare"),
+        package: "util-linux",
+        purposes: &[Build],
+    },
+    Tool {
+        need: Program("mount"),
+        package: "mount",
+        purposes: &[Build],
+    },
     Tool {
         need: Program("sfdisk"),
         package: "fdisk",
@@ -109,9 +121,16 @@ pub const TOOLS: &[Tool] = &[
         package: "ovmf",
         purposes: &[Test],
     },
+    // The tests build once as an unprivileged user too.
+    Tool {
+        need: Program("newuidmap"),
+        package: "uidmap",
+        purposes: &[Test],
+    },
 ];
 
-/// Tools needed only when building without root (mmdebstrap's unshare mode).
+/// Tools needed only when building without root: the build's user namespace is given its
+/// ids by `newuidmap`/`newgidmap` (mmdebstrap's unshare mode also runs `unshare`).
 const UNPRIVILEGED: &[Tool] = &[
     Tool {
         need: Program("newuidmap"),
@@ -119,8 +138,8 @@ const UNPRIVILEGED: &[Tool] = &[
         purposes: &[Build],
     },
     Tool {
-        need: Program("unshare"),
-        package: "util-linux",
+        need: Program("newgidmap"),
+        package: "uidmap",
         purposes: &[Build],
     },
 ];
@@ -170,7 +189,8 @@ pub fn missing_packages(purpose: Option<Purpose>) -> Vec<(&'static str, Vec<Stri
             File(f) => f.to_string(),
         };
         match out.iter_mut().find(|(pkg, _)| *pkg == tool.package) {
-            Some((_, whats)) => whats.push(what),
+            Some((_, whats)) if !whats.contains(&what) => whats.push(what),
+            Some(_) => {}
             None => out.push((tool.package, vec![what])),
         }
     }

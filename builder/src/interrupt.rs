@@ -32,6 +32,17 @@ pub fn install() {
     });
 }
 
+/// For a process that only waits for `pid` (a build run again inside a user namespace):
+/// each signal is passed on to `pid` as SIGTERM, and this process stays until `pid` ends.
+/// A terminal's Ctrl-C reaches `pid` directly as well; it reports the interruption.
+pub fn forward_to(pid: u32) {
+    INSTALL.call_once(|| {
+        let _ = ctrlc::set_handler(move || unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        });
+    });
+}
+
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }

@@ -22,3 +22,4 @@ pub mod recipe;
 pub mod seed;
 pub mod size;
 pub mod sources;
+pub mod userns;

@@ -167,3 +167,64 @@ fn a_disk_too_small_says_how_large_it_must_be_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A tmpfs of `size` mounted on a fresh folder, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "this test mounts a small tmpfs to fill up: run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs on {}", dir.path().display());
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_host_disk_filling_up_is_named_and_leaves_nothing() {
+    // The base tree comes from the cache; the output folder fills up either while the tree is
+    // unpacked (too small for the tree) or while the disk image is written (room for the
+    // tree, not for the tree and the image together).
+    built_image("recipes/tsidp.toml");
+    let recipe = omni_image_tests::workspace().join("recipes/tsidp.toml");
+    let _lock = heavy_lock();
+    for size in ["150M", "500M"] {
+        let disk = SmallDisk::new(size);
+        let out = omni_image(&[
+            "build",
+            recipe.to_str().unwrap(),
+            "--output",
+            disk.0.path().to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "a build fit in {size}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("the disk filled up during the build") && err.contains("--work-dir"),
+            "{size}: {err}"
+        );
+        assert!(!err.contains("set disk.size"), "{size}: {err}");
+        let left: Vec<_> = fs_err::read_dir(disk.0.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{size}: left behind: {left:?}");
+    }
+}

@@ -75,7 +75,10 @@ pub fn command_with(
     epoch: i64,
     repositories: &[Prepared],
 ) -> Cmd {
-    let mode = if crate::hosttools::is_root() {
+    // Root mode for real root. Otherwise unshare mode: run by hand without root it maps the
+    // ids itself; inside the build's user namespace, where this process is root, it only adds
+    // a mount and a pid namespace (so /proc mounts and device nodes are bind-mounted).
+    let mode = if crate::hosttools::is_root() && !crate::userns::inside() {
         "root"
     } else {
         "unshare"
@@ -198,6 +201,8 @@ pub fn run(
         explain(err, recipe, &last_phase)
     })?;
 
+    empty_dev(tree)?;
+
     let (downloaded, cached) = publish_packages(&apt_cache)?;
     repository::install(tree, repositories, epoch)?;
     Ok(Outcome {
@@ -205,6 +210,46 @@ pub fn run(
         cached,
         cache_hit: false,
     })
+}
+
+/// Removes the device nodes, links and empty folders root mode leaves in `/dev` (unshare
+/// mode leaves none): the booted system mounts devtmpfs there, and so the tree, its cache
+/// entry and the image are the same with or without root (a tree holding device nodes
+/// could not be unpacked inside a user namespace). Only empty folders are removed, so
+/// nothing still mounted there is touched.
+fn empty_dev(tree: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let dev = tree.join("dev");
+    let Ok(entries) = fs_err::read_dir(&dev) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            fs_err::remove_dir(&path).with_context(|| {
+                format!(
+                    "{} is not empty after the bootstrap; is something still mounted there?",
+                    path.display()
+                )
+            })?;
+        } else if kind.is_char_device()
+            || kind.is_block_device()
+            || kind.is_symlink()
+            || kind.is_fifo()
+            || kind.is_socket()
+        {
+            fs_err::remove_file(&path)?;
+        } else {
+            bail!(
+                "{} is a regular file left by a package in /dev; the booted system mounts \
+                 devtmpfs over it: remove the package that ships it",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The suite's `InRelease`, fetched before bootstrapping: it tells "unknown suite" from
@@ -321,6 +366,27 @@ mod tests {
         assert_eq!(text, "Sat, 15 Nov 2025 09:27:39 UTC");
         assert_eq!(epoch, 1_763_198_859);
         assert!(release_date(b"Origin: x\n").is_none());
+    }
+
+    #[test]
+    fn dev_is_emptied_of_nodes_links_and_empty_folders_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev");
+        fs_err::create_dir_all(dev.join("pts")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/fd", dev.join("fd")).unwrap();
+        let fifo =
+            std::ffi::CString::new(dev.join("initctl").into_os_string().into_encoded_bytes())
+                .unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        empty_dev(dir.path()).unwrap();
+        assert_eq!(fs_err::read_dir(&dev).unwrap().count(), 0);
+
+        fs_err::create_dir_all(dev.join("shm")).unwrap();
+        fs_err::write(dev.join("shm/held"), b"x").unwrap();
+        let err = empty_dev(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not empty"), "{err}");
+        assert!(dev.join("shm/held").exists());
+        empty_dev(&dir.path().join("no-tree")).unwrap();
     }
 
     #[test]

@@ -103,6 +103,16 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         );
         return Ok(());
     }
+    // Without root the build runs again inside a user namespace in which it is root; this
+    // happens before anything starts a thread.
+    crate::userns::enter_if_started_inside()?;
+    if !crate::hosttools::is_root() {
+        if args.install_tools {
+            crate::hosttools::setup(None, true)?;
+        }
+        crate::hosttools::check(crate::hosttools::Purpose::Build)?;
+        std::process::exit(crate::userns::rerun_inside()?);
+    }
     let built = build(args).map_err(explain_disk_full)?;
     for p in [
         built.qcow2.as_ref(),
@@ -118,16 +128,18 @@ pub fn run(args: &BuildArgs) -> Result<()> {
 }
 
 pub fn build(args: &BuildArgs) -> Result<Built> {
-    if args.install_tools {
+    // Inside the user namespace the outer process has done this already.
+    if args.install_tools && !crate::userns::inside() {
         crate::hosttools::setup(None, true)?;
     }
     crate::hosttools::check(crate::hosttools::Purpose::Build)?;
-    crate::interrupt::install();
     if !crate::hosttools::is_root() {
-        // TODO: mmdebstrap's unshare mode bootstraps without root, but the later steps write
-        // into a tree owned by mapped ids; they must then run inside the same user namespace.
-        bail!("building needs root for now: run `sudo omni-image build ...`");
+        bail!(
+            "building needs root, or the user namespace `omni-image build` enters by itself: \
+             run `omni-image build ...` (not the library's build() directly), or use sudo"
+        );
     }
+    crate::interrupt::install();
     let recipe = Recipe::load(&args.recipe)?;
     let recipe_hash = recipe.hash();
     let agent_bin = agent::locate(args.firstboot.as_deref())?;

@@ -41,6 +41,12 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         if self.keep {
             eprintln!("kept work folder {}", self.path.display());
+            if crate::userns::inside() {
+                eprintln!(
+                    "  its files belong to your subordinate ids; remove it with: {}",
+                    crate::userns::removal_hint(&self.path)
+                );
+            }
             return;
         }
         let mounts = mounts_below(&self.path);

@@ -45,7 +45,14 @@ fn check_omni_project(tree: &Path) -> Result<()> {
     let root = Root::new(tree);
     omni::apply(&root, &secrets).context("rendering the project from example values")?;
 
-    Cmd::new("chroot")
+    // Compose opens /dev/null, and the tree's /dev is empty (devtmpfs fills it at boot): the
+    // host's is bound over an empty file there, in a mount namespace that ends with the
+    // command, so no mount outlives it.
+    let _null = Placeholder::create(&tree.join("dev/null"))?;
+    Cmd::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount --bind /dev/null "$1/dev/null" && exec chroot "$@""#)
+        .arg("sh")
         .arg(tree)
         .arg(compose::COMPOSE_BIN)
         .args(["--env-file", omni::OMNI_ENV, "-f", compose::PROJECT])
@@ -86,6 +93,27 @@ fn unpinned_images(compose_yaml: &str) -> Vec<String> {
 
 fn in_tree(tree: &Path, abs: &str) -> PathBuf {
     tree.join(abs.trim_start_matches('/'))
+}
+
+/// An empty file that is removed again when dropped.
+struct Placeholder(PathBuf);
+
+impl Placeholder {
+    fn create(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs_err::create_dir_all(dir)?;
+        }
+        fs_err::File::create_new(path)?;
+        Ok(Placeholder(path.to_path_buf()))
+    }
+}
+
+impl Drop for Placeholder {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_file(&self.0) {
+            tracing::error!("removing {}: {err}", self.0.display());
+        }
+    }
 }
 
 /// Removes what rendering the example left in the tree, also when the check fails: the

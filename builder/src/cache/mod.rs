@@ -20,7 +20,7 @@ use crate::exec::Cmd;
 pub mod cli;
 
 /// Bumped when the layout of a base tree entry, or what goes into its key, changes.
-const FORMAT: &str = "base-tree-v1";
+const FORMAT: &str = "base-tree-v2";
 
 pub struct BaseCache {
     dir: PathBuf,

@@ -125,7 +125,12 @@ pub fn write(raw: &Path, layout: &Layout, tree: &Path, epoch: i64) -> Result<()>
         .arg(blocks.to_string());
     if let Err(err) = cmd.output() {
         let text = format!("{err:#}");
-        if text.contains("Could not allocate block") || text.contains("No space left") {
+        // mke2fs's own words for a full filesystem; "No space left on device" is the host's
+        // disk filling up while the image is written, which the build explains itself.
+        if ["Could not allocate", "No free space in the directory"]
+            .iter()
+            .any(|m| text.contains(m))
+        {
             bail!(
                 "the disk is too small: mkfs.ext4 ran out of space filling the root partition \
                  ({}); set disk.size to at least {}M\n{text}",
