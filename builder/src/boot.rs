@@ -43,13 +43,13 @@ pub struct BootArgs {
     #[arg(long)]
     pub seed: Option<PathBuf>,
     /// Seconds to wait for the ready line.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
-    /// Memory in MiB.
-    #[arg(long, default_value_t = 1024)]
+    /// Memory in MiB (at least 256).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(256..))]
     pub memory: u32,
     /// Virtual CPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=288))]
     pub cpus: u32,
     /// Where the serial console is logged [default: IMAGE's folder, NAME.serial.log].
     #[arg(long)]
@@ -66,7 +66,7 @@ pub struct BootArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: Accel,
     /// MAC address of the virtual NIC (match it in a seed's network-config).
-    #[arg(long, default_value = "52:54:00:12:34:56")]
+    #[arg(long, default_value = "52:54:00:12:34:56", value_parser = parse_mac)]
     pub mac: String,
     /// Wait for a console line containing this text instead of the agent's ready line (for
     /// images without omni-firstboot, e.g. "Cloud-init v." ... "finished").
@@ -151,16 +151,37 @@ fn image_format(image: &Path) -> Result<String> {
     Ok(v["format"].as_str().unwrap_or("raw").to_owned())
 }
 
+/// `--mac`: six two-digit hex bytes separated by colons.
+fn parse_mac(text: &str) -> std::result::Result<String, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err("a MAC address is six hex bytes like 52:54:00:12:34:56".into())
+    }
+}
+
 pub fn boot(args: &BootArgs) -> Result<Report> {
     crate::hosttools::check(crate::hosttools::Purpose::Boot)?;
     crate::interrupt::install();
+    let what = |p: &std::path::Path| {
+        if p.is_dir() {
+            "is a folder, not a file"
+        } else {
+            "does not exist"
+        }
+    };
     if !args.image.is_file() {
-        bail!("{} does not exist", args.image.display());
+        bail!("{} {}", args.image.display(), what(&args.image));
     }
     if let Some(seed) = &args.seed
         && !seed.is_file()
     {
-        bail!("--seed: {} does not exist", seed.display());
+        bail!("--seed: {} {}", seed.display(), what(seed));
     }
     let format = image_format(&args.image)?;
     if format == "raw" && !has_boot_signature(&args.image) {

@@ -167,7 +167,8 @@ struct ArtifactFile {
     mode: Option<ModeFile>,
 }
 
-/// A file mode, written as an octal string (`"0755"`) or a TOML integer (`0o755`).
+/// A file mode, written as an octal string (`"0755"`). A TOML integer is refused: the
+/// parser cannot tell `755` (decimal, mode 1363) from `0o755`, and the first is a common slip.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum ModeFile {
@@ -730,7 +731,11 @@ fn finish_artifact(file: &Path, a: ArtifactFile) -> Result<Artifact> {
     }
     let mode = match a.mode {
         None => 0o644,
-        Some(ModeFile::Number(n)) => n,
+        Some(ModeFile::Number(n)) => bail!(
+            "{}: write the mode as an octal string, like \"0755\" (the number {n} would be \
+             read as mode {n:o})",
+            at("mode")
+        ),
         Some(ModeFile::Text(t)) => u32::from_str_radix(t.trim_start_matches("0o"), 8)
             .ok()
             .with_context(|| format!("{}: `{t}` is not an octal mode like \"0755\"", at("mode")))?,
@@ -1154,6 +1159,10 @@ enabled = false
             (
                 "[[artifacts]]\nname = \"tool\"\nmode = \"rwx\"\n",
                 "artifacts `tool`: mode: `rwx` is not an octal mode",
+            ),
+            (
+                "[[artifacts]]\nname = \"tool\"\nmode = 755\n",
+                "artifacts `tool`: mode: write the mode as an octal string, like \"0755\" (the number 755 would be read as mode 1363)",
             ),
         ];
         for (text, expected) in cases {

@@ -32,6 +32,12 @@ pub struct SeedArgs {
 pub fn run(args: &SeedArgs) -> Result<()> {
     let user_data = fs_err::read(&args.user_data)?;
     let origin = args.user_data.display().to_string();
+    if user_data.iter().all(u8::is_ascii_whitespace) {
+        bail!(
+            "{origin} is empty: a seed's user-data starts with `#cloud-config` and carries the \
+             appliance's `omni_appliance:` section (see the README's Appliances section)"
+        );
+    }
 
     // Refuse what the agent would refuse; report what it would skip.
     let check = omni_firstboot::check_user_data(&user_data, &origin);
@@ -47,7 +53,7 @@ pub fn run(args: &SeedArgs) -> Result<()> {
 
     let network = match &args.network_config {
         Some(path) => {
-            let bytes = fs_err::read(path)?;
+            let bytes = fs_err::read(path).context("--network-config")?;
             let name = path.display().to_string();
             omni_firstboot::config::network::parse(&bytes, &name)
                 .with_context(|| format!("checking the network config {name}"))?;

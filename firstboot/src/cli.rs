@@ -15,13 +15,14 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// There is no default: `run` changes the machine it runs on, so it is asked for by name.
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Find the cloud-init data and apply it if its instance is new (the default).
+    /// Find the cloud-init data and apply it if its instance is new (what the unit runs).
     Run(RunArgs),
     /// Show what ran, when, from which datasource, and what failed or is missing.
     Status {

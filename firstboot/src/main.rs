@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use omni_firstboot::cli::{Cli, Command, RunArgs};
+use omni_firstboot::cli::{Cli, Command};
 use omni_firstboot::datasource::Env;
 use omni_firstboot::fsutil::Root;
 
@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     omni_firstboot::logging(cli.verbose);
     // Tools run with `--prefix` need an absolute path.
     let root = Root::new(std::path::absolute(&cli.root).unwrap_or(cli.root.clone()));
-    let result = match cli.command.unwrap_or(Command::Run(RunArgs::default())) {
+    let result = match cli.command {
         Command::Run(args) => {
             let options = omni_firstboot::run::Options {
                 seed: args.seed,

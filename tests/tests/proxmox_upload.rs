@@ -212,19 +212,58 @@ fn the_double_rejects_chunked_and_misordered_uploads_and_accepts_ours() {
 }
 
 #[test]
-fn a_wrong_checksum_fails_the_task_and_shows_its_log() {
+fn a_stale_checksum_file_is_refused_before_anything_is_sent() {
     let pve = double();
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path(), "tsidp", 16, "sum");
-    std::fs::write(
-        dir.path().join("tsidp.qcow2.sha256"),
-        format!("{}  tsidp.qcow2\n", "0".repeat(64)),
-    )
-    .unwrap();
+    let stale = format!("{}  tsidp.qcow2\n", "0".repeat(64));
+    std::fs::write(dir.path().join("tsidp.qcow2.sha256"), &stale).unwrap();
     let r = run(omni(&pve, "upload").arg(&image));
     assert!(!r.ok);
-    assert!(r.stderr.contains("checksum mismatch"), "{}", r.stderr);
-    assert!(r.stderr.contains("last log lines"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tsidp.qcow2.sha256 does not match") && r.stderr.contains("rebuild"),
+        "{}",
+        r.stderr
+    );
+    assert!(pve.vms().is_empty());
+
+    // Proxmox itself checks the checksum sent with an upload and fails the import task; the
+    // double does the same.
+    let file = format!("filename=@{};filename=tsidp.qcow2", image.display());
+    let fields = [
+        "content=import".to_string(),
+        "checksum-algorithm=sha256".to_string(),
+        format!("checksum={}", "0".repeat(64)),
+        file,
+    ];
+    let (code, body) = curl_upload(&pve, &image, &fields, &[]);
+    assert_eq!(code, "200", "{body}");
+    let upid: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let upid = upid["data"].as_str().unwrap().to_owned();
+    let status = (0..100)
+        .find_map(|_| {
+            let out = Command::new("curl")
+                .args(["-sS", "--cacert"])
+                .arg(&pve.ca_file)
+                .args([
+                    "-H",
+                    &format!(
+                        "Authorization: PVEAPIToken={TOKEN_ID}={}",
+                        omni_image_tests::pve_double::TOKEN_SECRET
+                    ),
+                ])
+                .arg(format!("{}/nodes/pve/tasks/{upid}/status", pve.url))
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["data"]["status"] == "stopped" {
+                return Some(v["data"]["exitstatus"].as_str().unwrap_or("").to_owned());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            None
+        })
+        .expect("the import task ends");
+    assert!(status.contains("checksum mismatch"), "{status}");
     assert!(pve.vms().is_empty());
 }
 
@@ -365,9 +404,12 @@ fn bad_flags_are_refused_with_the_flag_named() {
 
     let e = refused(&pve, &image, &[("--url", "pve.example:8006/api2/json")]);
     assert!(e.contains("--url") && e.contains("scheme"), "{e}");
-    let root = pve.url.replace("/api2/json", "/");
-    let e = refused(&pve, &image, &[("--url", &root)]);
+    let other = pve.url.replace("/api2/json", "/api2/extjs");
+    let e = refused(&pve, &image, &[("--url", &other)]);
     assert!(e.contains("/api2/json"), "{e}");
+    let plain = pve.url.replace("https://", "http://");
+    let e = refused(&pve, &image, &[("--url", &plain)]);
+    assert!(e.contains("--url") && e.contains("https only"), "{e}");
     let e = refused(&pve, &image, &[("--token-id", "omni@pve")]);
     assert!(e.contains("--token-id") && e.contains('!'), "{e}");
     let wrong = format!("{}AB", "AB:".repeat(31));

@@ -78,6 +78,12 @@ pub fn services(tree: &Path, recipe: &Recipe) -> Result<()> {
     let mut enable = vec!["omni-firstboot.service".to_owned()];
     enable.extend(recipe.services.enable.iter().cloned());
     systemctl(tree, "enable", &enable)?;
+    for (unit, program) in missing_programs(tree, &enable) {
+        tracing::warn!(
+            "services: {unit} runs {program}, which is not in the image, so it will not start; \
+             is the artifact or package that provides it switched off?"
+        );
+    }
     if !recipe.services.disable.is_empty() {
         systemctl(tree, "disable", &recipe.services.disable)?;
     }
@@ -85,6 +91,38 @@ pub fn services(tree: &Path, recipe: &Recipe) -> Result<()> {
         systemctl(tree, "mask", &recipe.services.mask)?;
     }
     Ok(())
+}
+
+/// The enabled services whose `ExecStart=` program is not in the tree, as (unit, program).
+pub fn missing_programs(tree: &Path, units: &[String]) -> Vec<(String, String)> {
+    let resolve =
+        |p: &str| super::overlay::resolve_in_root(tree, Path::new(p.trim_start_matches('/')));
+    let mut out = Vec::new();
+    for unit in units.iter().filter(|u| u.ends_with(".service")) {
+        let text = ["etc/systemd/system", "usr/lib/systemd/system"]
+            .iter()
+            .filter_map(|dir| resolve(&format!("{dir}/{unit}")).ok())
+            .find_map(|p| std::fs::read_to_string(p).ok());
+        let Some(text) = text else { continue };
+        for line in text.lines() {
+            let Some(value) = line.trim().strip_prefix("ExecStart=") else {
+                continue;
+            };
+            let program = value
+                .trim_start_matches(['-', '@', ':', '+', '!'])
+                .split_whitespace()
+                .next()
+                .unwrap_or_default();
+            if !program.starts_with('/') {
+                continue;
+            }
+            let present = resolve(program).is_ok_and(|p| p.symlink_metadata().is_ok());
+            if !present {
+                out.push((unit.clone(), program.to_owned()));
+            }
+        }
+    }
+    out
 }
 
 fn systemctl(tree: &Path, verb: &str, units: &[String]) -> Result<()> {
@@ -95,4 +133,38 @@ fn systemctl(tree: &Path, verb: &str, units: &[String]) -> Result<()> {
         .output()
         .with_context(|| format!("services: systemctl {verb} {}", units.join(" ")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_whose_program_is_missing_are_named() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let units = root.join("usr/lib/systemd/system");
+        fs_err::create_dir_all(&units).unwrap();
+        fs_err::create_dir_all(root.join("usr/bin")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        fs_err::write(root.join("usr/bin/present"), "").unwrap();
+        fs_err::write(
+            units.join("tsidp.service"),
+            "[Service]\nExecStart=/usr/local/bin/tsidp -dir %S/tsidp\n",
+        )
+        .unwrap();
+        fs_err::write(
+            units.join("ok.service"),
+            "[Service]\nExecStartPre=/usr/bin/true\nExecStart=-/bin/present --flag\n",
+        )
+        .unwrap();
+        let all = ["tsidp.service", "ok.service", "gone.service", "x.path"].map(String::from);
+        assert_eq!(
+            missing_programs(root, &all),
+            [(
+                "tsidp.service".to_owned(),
+                "/usr/local/bin/tsidp".to_owned()
+            )]
+        );
+    }
 }

@@ -130,15 +130,24 @@ pub struct Connection {
     pub task_timeout: std::time::Duration,
 }
 
-/// Checks `--url`: https (or http), a host, and the `/api2/json` path.
+/// Checks `--url`: https, a host, and the `/api2/json` path (added when the URL has no path).
+/// Proxmox serves its API over TLS only; plain http would carry the token in clear.
 pub fn parse_url(text: &str) -> anyhow::Result<url::Url> {
     let hint = "use the form https://HOST:8006/api2/json";
     let url = url::Url::parse(text)
         .with_context(|| format!("--url {text:?} is not a URL with a scheme: {hint}"))?;
-    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+    if url.scheme() == "http" {
+        bail!(
+            "--url {text:?}: Proxmox serves its API over https only, and http would send the \
+             API token in clear: {hint} (with --fingerprint or --ca-file for a self-signed \
+             certificate)"
+        );
+    }
+    if url.scheme() != "https" || url.host_str().is_none() {
         bail!("--url {text:?} needs an https:// scheme and a host: {hint}");
     }
-    if url.path().trim_end_matches('/') != "/api2/json" {
+    let path = url.path().trim_end_matches('/');
+    if !path.is_empty() && path != "/api2/json" {
         bail!(
             "--url {text:?} must end in /api2/json (got path {:?}): {hint}",
             url.path()
@@ -292,9 +301,17 @@ mod tests {
     fn urls_need_a_scheme_and_the_api_path() {
         assert!(parse_url("https://pve:8006/api2/json").is_ok());
         assert!(parse_url("https://pve:8006/api2/json/").is_ok());
+        assert_eq!(
+            parse_url("https://pve:8006").unwrap().as_str(),
+            "https://pve:8006/api2/json"
+        );
         let e = parse_url("pve:8006/api2/json").unwrap_err().to_string();
         assert!(e.contains("scheme"), "{e}");
-        let e = parse_url("https://pve:8006/").unwrap_err().to_string();
+        let e = parse_url("http://pve:8006/api2/json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("https only"), "{e}");
+        let e = parse_url("https://pve:8006/api2").unwrap_err().to_string();
         assert!(e.contains("/api2/json"), "{e}");
     }
 

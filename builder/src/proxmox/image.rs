@@ -103,6 +103,18 @@ impl Image {
                     sum_path.display()
                 );
             }
+            // The checksum names the template that holds this image, so it must be this
+            // file's: an old checksum beside a replaced image would match the old template.
+            let actual = sha256_file(path)?;
+            if actual != digest {
+                bail!(
+                    "{} does not match {} (the file's sha256 is {actual}, the checksum file says \
+                     {digest}): the image changed after it was built; rebuild it, or delete the \
+                     checksum file to upload it as it is",
+                    sum_path.display(),
+                    path.display()
+                );
+            }
             digest
         } else {
             tracing::info!("no {}: computing the checksum", sum_path.display());

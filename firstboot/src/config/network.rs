@@ -64,7 +64,66 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<Option<Network>> {
         "" => bail!("{origin} has no `version`; write `version: 1` or `version: 2`"),
         other => bail!("{origin}: network config version {other} is not known (use 1 or 2)"),
     };
+    check(&net, origin)?;
     Ok(Some(net))
+}
+
+/// Refuses addresses, gateways, routes and DNS servers that are not IP addresses, so that
+/// nothing unusable reaches systemd-networkd (which would skip it silently).
+fn check(net: &Network, origin: &str) -> Result<()> {
+    use std::net::IpAddr;
+    let ip = |v: &str| v.parse::<IpAddr>().ok();
+    let cidr = |v: &str| {
+        let (a, len) = v.split_once('/')?;
+        let a = ip(a)?;
+        let len: u8 = len.parse().ok()?;
+        (len <= if a.is_ipv4() { 32 } else { 128 }).then_some(a)
+    };
+    for iface in &net.interfaces {
+        let at = format!("{origin}: interface `{}`", iface.name);
+        for a in &iface.addresses {
+            if cidr(a).is_none() {
+                bail!("{at}: `{a}` is not an address with a prefix length, like 192.0.2.10/24");
+            }
+        }
+        for (key, gw, v4) in [
+            ("gateway4", &iface.gateway4, true),
+            ("gateway6", &iface.gateway6, false),
+        ] {
+            if let Some(g) = gw
+                && ip(g).is_none_or(|a| a.is_ipv4() != v4)
+            {
+                bail!(
+                    "{at}: {key} `{g}` is not an IPv{} address",
+                    if v4 { 4 } else { 6 }
+                );
+            }
+        }
+        for r in &iface.routes {
+            if ip(&r.via).is_none() {
+                bail!(
+                    "{at}: the route to `{}` goes via `{}`, which is not an IP address",
+                    r.to,
+                    r.via
+                );
+            }
+            if r.to != "default" && cidr(&r.to).is_none() {
+                bail!(
+                    "{at}: route `to: {}` is not `default` or an address with a prefix length",
+                    r.to
+                );
+            }
+        }
+        for d in &iface.dns {
+            if ip(d).is_none() {
+                bail!("{at}: DNS server `{d}` is not an IP address");
+            }
+        }
+    }
+    if let Some(d) = net.dns.iter().find(|d| ip(d).is_none()) {
+        bail!("{origin}: DNS server `{d}` is not an IP address");
+    }
+    Ok(())
 }
 
 fn v1(doc: &Value, origin: &str) -> Result<Network> {
@@ -329,5 +388,45 @@ mod tests {
         assert!(err.to_string().contains("version"), "{err}");
         assert!(prefix_len("255.0.255.0").is_err());
         assert_eq!(prefix_len("255.255.254.0").unwrap(), 23);
+    }
+
+    #[test]
+    fn addresses_gateways_and_servers_must_be_ip_addresses() {
+        let v2 = |eth: &str| {
+            format!(
+                "version: 2\nethernets:\n  lan:\n    match: {{macaddress: '52:54:00:00:00:01'}}\n{eth}"
+            )
+        };
+        let cases = [
+            (
+                "    addresses: [192.168.10.40/33]\n",
+                "`192.168.10.40/33` is not an address",
+            ),
+            (
+                "    addresses: [lan.example/24]\n",
+                "`lan.example/24` is not an address",
+            ),
+            (
+                "    addresses: [10.0.0.5/24]\n    gateway4: notanip\n",
+                "gateway4 `notanip` is not an IPv4",
+            ),
+            (
+                "    addresses: [10.0.0.5/24]\n    gateway4: fd00::1\n",
+                "gateway4 `fd00::1` is not an IPv4",
+            ),
+            (
+                "    nameservers: {addresses: [dns.example]}\n",
+                "DNS server `dns.example`",
+            ),
+        ];
+        for (eth, expected) in cases {
+            let err = format!("{:#}", parse(v2(eth).as_bytes(), "nc.yaml").unwrap_err());
+            assert!(err.contains("nc.yaml: interface `lan`"), "{err}");
+            assert!(err.contains(expected), "{eth}: {err}");
+        }
+        let ok = v2(
+            "    addresses: [10.0.0.5/24, 'fd00::5/64']\n    gateway4: 10.0.0.1\n    nameservers: {addresses: [10.0.0.1]}\n",
+        );
+        assert!(parse(ok.as_bytes(), "nc.yaml").unwrap().is_some());
     }
 }
