@@ -354,7 +354,15 @@ impl Recipe {
                 .iter()
                 .any(|(p, _): &(PathBuf, RecipeFile)| same_file(p, &path))
             {
-                bail!("{}: `extends` forms a cycle", path.display());
+                let names: Vec<String> = chain
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .chain(std::iter::once(path.display().to_string()))
+                    .collect();
+                bail!(
+                    "`extends` forms a cycle: {}; one of them must stop extending",
+                    names.join(" extends ")
+                );
             }
             if chain.len() == MAX_EXTENDS {
                 bail!(
@@ -362,7 +370,15 @@ impl Recipe {
                     path.display()
                 );
             }
-            let file = read_file(&path)?;
+            let file = match chain.last() {
+                Some((child, _)) if !path.exists() => bail!(
+                    "{}: `extends` names {}, which does not exist (the path is relative to \
+                     the extending file)",
+                    child.display(),
+                    path.display()
+                ),
+                _ => read_file(&path)?,
+            };
             if let Some(parent) = &file.extends {
                 next = Some(relative_to(&path, parent));
             }
@@ -576,7 +592,19 @@ fn merge(chain: Vec<(PathBuf, RecipeFile)>, top: &Path) -> Result<Recipe> {
             distribution,
             suite,
             mirror: match (base.mirror, &base.snapshot) {
-                (Some(m), _) => m,
+                (Some(m), _) => {
+                    if !["http://", "https://", "file://"]
+                        .iter()
+                        .any(|s| m.starts_with(s) && m.len() > s.len())
+                    {
+                        bail!(
+                            "{top_name}: `base.mirror` `{m}` needs an http://, https:// or \
+                             file:// scheme, like \"{}\"",
+                            distribution.default_mirror()
+                        );
+                    }
+                    m
+                }
                 (None, Some(ts)) => {
                     check_snapshot(ts).with_context(|| format!("{top_name}: `base.snapshot`"))?;
                     distribution.snapshot_mirror(ts)
@@ -984,7 +1012,16 @@ greeting = "hi"
         write(dir.path(), "a.toml", "extends = \"b.toml\"\n");
         let b = write(dir.path(), "b.toml", "extends = \"a.toml\"\n");
         let err = format!("{:#}", Recipe::load(&b).unwrap_err());
-        assert!(err.contains("cycle"), "{err}");
+        assert!(
+            err.contains("cycle") && err.contains("b.toml extends") && err.contains("a.toml"),
+            "{err}"
+        );
+        let c = write(dir.path(), "c.toml", "extends = \"sub/none.toml\"\n");
+        let err = format!("{:#}", Recipe::load(&c).unwrap_err());
+        assert!(
+            err.contains("c.toml: `extends` names") && err.contains("none.toml, which does not"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1000,6 +1037,36 @@ greeting = "hi"
         );
         let err = format!("{:#}", Recipe::load(&path).unwrap_err());
         assert!(err.contains("not a valid name"), "{err}");
+    }
+
+    #[test]
+    fn a_mirror_needs_a_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        for m in [
+            "deb.debian.org/debian",
+            "ftp://ftp.debian.org/debian",
+            "http://",
+        ] {
+            let path = write(
+                dir.path(),
+                "m.toml",
+                &format!("[base]\nsuite = \"trixie\"\nmirror = \"{m}\"\n"),
+            );
+            let err = format!("{:#}", Recipe::load(&path).unwrap_err());
+            assert!(
+                err.contains("m.toml: `base.mirror`") && err.contains("scheme"),
+                "{m}: {err}"
+            );
+        }
+        let path = write(
+            dir.path(),
+            "m.toml",
+            "[base]\nsuite = \"trixie\"\nmirror = \"https://deb.example/debian\"\n",
+        );
+        assert_eq!(
+            Recipe::load(&path).unwrap().base.mirror,
+            "https://deb.example/debian"
+        );
     }
 
     #[test]

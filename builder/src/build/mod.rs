@@ -141,6 +141,7 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
     }
     crate::interrupt::install();
     let recipe = Recipe::load(&args.recipe)?;
+    overlay::check_templates(&recipe.overlays, &crate::recipe::template_context(&recipe))?;
     let recipe_hash = recipe.hash();
     let agent_bin = agent::locate(args.firstboot.as_deref())?;
     ensure_writable(&args.output)?;

@@ -31,16 +31,59 @@ pub fn apply(
     vars: &BTreeMap<String, serde_json::Value>,
     epoch: i64,
 ) -> Result<Applied> {
-    let mut ctx = tera::Context::new();
-    for (k, v) in vars {
-        ctx.insert(k.clone(), v);
-    }
+    let ctx = context(vars);
     let mut applied = Applied::default();
     for overlay in overlays {
         apply_one(tree, overlay, &ctx, epoch, &mut applied)
             .with_context(|| format!("applying overlay {}", overlay.path.display()))?;
     }
     Ok(applied)
+}
+
+fn context(vars: &BTreeMap<String, serde_json::Value>) -> tera::Context {
+    let mut ctx = tera::Context::new();
+    for (k, v) in vars {
+        ctx.insert(k.clone(), v);
+    }
+    ctx
+}
+
+/// Renders the template at `path` (`rel` without `.tera`, as it lands in the image).
+fn render(path: &Path, rel: &Path, ctx: &tera::Context) -> Result<String> {
+    let text = fs_err::read_to_string(path)?;
+    let mut tera = tera::Tera::default();
+    let name = rel.display().to_string();
+    tera.add_raw_template(&name, &text)
+        .and_then(|_| tera.render(&name, ctx))
+        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
+        .with_context(|| format!("rendering template {}", path.display()))
+}
+
+/// Renders every template of the overlays without writing anything, so that a template
+/// error is reported before the bootstrap rather than after it. Returns how many there are.
+pub fn check_templates(
+    overlays: &[Overlay],
+    vars: &BTreeMap<String, serde_json::Value>,
+) -> Result<usize> {
+    let ctx = context(vars);
+    let mut n = 0;
+    for overlay in overlays {
+        for entry in walkdir::WalkDir::new(&overlay.path).sort_by_file_name() {
+            let entry =
+                entry.with_context(|| format!("reading overlay {}", overlay.path.display()))?;
+            let path = entry.path();
+            if entry.file_type().is_file() && path.extension().is_some_and(|e| e == "tera") {
+                let rel = path
+                    .strip_prefix(&overlay.path)
+                    .unwrap_or(path)
+                    .with_extension("");
+                render(path, &rel, &ctx)
+                    .with_context(|| format!("applying overlay {}", overlay.path.display()))?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
 }
 
 fn apply_one(
@@ -83,14 +126,8 @@ fn apply_one(
         } else if meta.is_file() {
             remove_existing(&dest)?;
             if template {
-                let text = fs_err::read_to_string(entry.path())?;
-                let mut tera = tera::Tera::default();
-                let name = rel.display().to_string();
-                tera.add_raw_template(&name, &text)
-                    .and_then(|_| tera.render(&name, ctx))
-                    .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
-                    .with_context(|| format!("rendering template {}", entry.path().display()))
-                    .and_then(|out| Ok(fs_err::write(&dest, out)?))?;
+                let out = render(entry.path(), &rel, ctx)?;
+                fs_err::write(&dest, out)?;
                 applied.rendered += 1;
             } else {
                 fs_err::copy(entry.path(), &dest)?;
@@ -339,5 +376,16 @@ mod tests {
         assert!(err.contains("x.conf.tera"), "{err}");
         assert!(err.contains("missing_var"), "{err}");
         assert!(!tree.join("x.conf").exists());
+        // The same error, from the check that runs before the bootstrap.
+        let early = format!(
+            "{:#}",
+            check_templates(&[overlay(&ov)], &vars()).unwrap_err()
+        );
+        assert!(
+            early.contains("x.conf.tera") && early.contains("missing_var"),
+            "{early}"
+        );
+        std::fs::write(ov.join("x.conf.tera"), "ok").unwrap();
+        assert_eq!(check_templates(&[overlay(&ov)], &vars()).unwrap(), 1);
     }
 }
