@@ -562,6 +562,9 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Answer, s
 
     // The server's HTTP layer reads bodies only with a known length.
     if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+        // The body is read and dropped before the answer: a socket closed with unread data
+        // in it is reset by the kernel, and the client could then see no answer at all.
+        let _ = req.into_body().collect().await;
         return Ok(Answer::NotImplemented(
             "chunked transfer encoding not supported".into(),
         ));
