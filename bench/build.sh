@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build benchmark: the tsidp recipe built cold (empty package cache) and warm (same cache),
-# and, in the same run, a bare mmdebstrap of the same package set from the same mirror.
-# Figures go to bench/results/build.txt. Run as root after `cargo build --release`.
+# Build benchmark: a recipe (tsidp by default) built cold (empty caches), then warm (the same
+# cache, one overlay file changed), and, in the same run, a bare mmdebstrap of the same
+# package set from the same mirror. Figures go to bench/results/build-NAME.txt. Run as root
+# after `cargo build --release`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=./target/release/omni-image
@@ -20,9 +21,12 @@ t=$(date +%s.%N)
   || { tail -20 "$work/cold.err"; exit 1; }
 cold_wall=$(secs "$t")
 
-echo "warm build..." >&2
+echo "warm build, one overlay file changed..." >&2
+mkdir -p "$work/changed/extra/etc"
+echo "changed $(date)" >"$work/changed/extra/etc/motd"
+printf 'extends = "%s"\noverlays = ["extra"]\n' "$(realpath "$recipe")" >"$work/changed/$name.toml"
 t=$(date +%s.%N)
-/usr/bin/time -v "$bin" build "$recipe" -o "$work/warm" --cache-dir "$work/cache" 2>"$work/warm.err" >/dev/null \
+/usr/bin/time -v "$bin" build "$work/changed/$name.toml" -o "$work/warm" --cache-dir "$work/cache" 2>"$work/warm.err" >/dev/null \
   || { tail -20 "$work/warm.err"; exit 1; }
 warm_wall=$(secs "$t")
 
@@ -43,6 +47,8 @@ mib = lambda b: f"{b / 1048576:.1f} MiB"
 print(f"# omni-image build benchmark, {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores")
 print(f"recipe: {name}  packages: {len(c['packages'])}")
 print()
+print("warm: the base tree from the cache, one overlay file changed")
+print()
 print(f"{'step':<12}{'cold s':>10}{'warm s':>10}")
 for a, b in zip(c["timings"], w["timings"]):
     print(f"{a['step']:<12}{a['seconds']:>10.1f}{b['seconds']:>10.1f}")
@@ -53,6 +59,9 @@ print(f"bare mmdebstrap (same packages, same mirror, no cache): {bare:.1f} s")
 print(f"ratio cold build / bare mmdebstrap: {cold / bare:.2f}")
 print(f"ratio warm build / bare mmdebstrap: {warm / bare:.2f}")
 print(f"downloaded packages: cold {c['downloaded_packages']}, warm {w['downloaded_packages']}")
+print()
+print(f"base tree from the cache: cold {c['base_tree']['cache_hit']}, warm {w['base_tree']['cache_hit']}")
+print(f"outputs differ: {c['outputs'][0]['sha256'] != w['outputs'][0]['sha256']}")
 print()
 s = c["sizes"]
 print(f"qcow2: {mib(s['qcow2_bytes'])}  raw: {mib(s['disk_bytes'])} ({mib(s['raw_allocated_bytes'])} allocated)  tree: {mib(s['tree_bytes'])}")
