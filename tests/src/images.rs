@@ -49,6 +49,21 @@ pub fn host(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A qcow2 image converted to `dir/disk.raw`, with its partition table as sfdisk reads it
+/// (a tool that shares no code with the builder).
+pub fn raw_disk(qcow2: &Path, dir: &Path) -> (PathBuf, serde_json::Value) {
+    let raw = dir.join("disk.raw");
+    host(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(qcow2)
+            .arg(&raw),
+    );
+    let table = serde_json::from_str(&host(Command::new("sfdisk").arg("--json").arg(&raw)))
+        .expect("sfdisk --json prints JSON");
+    (raw, table)
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -4,23 +4,16 @@
 use std::path::Path;
 use std::process::Command;
 
-use omni_image_tests::images::{built_image, heavy_lock, host, omni_image, stderr, stdout};
+use omni_image_tests::images::{
+    built_image, heavy_lock, host, omni_image, raw_disk, stderr, stdout,
+};
 
 /// Checks the disk with tools that share no code with the builder: qemu-img, sfdisk,
 /// mtools and e2fsck.
 fn check_disk(qcow2: &Path) {
     host(Command::new("qemu-img").arg("check").arg(qcow2));
     let tmp = tempfile::tempdir().unwrap();
-    let raw = tmp.path().join("disk.raw");
-    host(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(qcow2)
-            .arg(&raw),
-    );
-
-    let table: serde_json::Value =
-        serde_json::from_str(&host(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
+    let (raw, table) = raw_disk(qcow2, tmp.path());
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
     assert_eq!(table["partitiontable"]["label"], "gpt");
     assert_eq!(parts.len(), 2, "{table}");

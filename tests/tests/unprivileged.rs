@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use omni_image_tests::images::{heavy_lock, host, stderr};
+use omni_image_tests::images::{heavy_lock, host, raw_disk, stderr};
 use omni_image_tests::{bin, workspace};
 
 const USER: &str = "omni-image-test";
@@ -187,15 +187,7 @@ fn id_of(text: &str, name: &str) -> u32 {
 /// The root filesystem of a qcow2 image, as a raw disk and the byte offset of the root
 /// partition (for debugfs's `FILE?offset=N`).
 fn root_fs(qcow2: &Path, dir: &Path) -> String {
-    let raw = dir.join("disk.raw");
-    host(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(qcow2)
-            .arg(&raw),
-    );
-    let table: serde_json::Value =
-        serde_json::from_str(&host(Command::new("sfdisk").arg("--json").arg(&raw))).unwrap();
+    let (raw, table) = raw_disk(qcow2, dir);
     let offset = table["partitiontable"]["partitions"][1]["start"]
         .as_u64()
         .unwrap()
