@@ -93,10 +93,18 @@ pub struct Built {
 pub fn run(args: &BuildArgs) -> Result<()> {
     if let Some(dir) = &args.print_bootstrap {
         let recipe = Recipe::load(&args.recipe)?;
-        let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        // The build's own default: the date of the suite's InRelease.
+        let epoch = match std::env::var("SOURCE_DATE_EPOCH")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+            .filter(|v| !v.is_empty())
+        {
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number"))?,
+            None => bootstrap::release_date(&bootstrap::fetch_inrelease(&recipe)?)
+                .map(|(_, epoch)| epoch)
+                .context("the suite's InRelease has no Date; set SOURCE_DATE_EPOCH")?,
+        };
         println!(
             "{}",
             bootstrap::command(&recipe, dir, None, epoch).display()
