@@ -268,6 +268,23 @@ fn a_stale_checksum_file_is_refused_before_anything_is_sent() {
 }
 
 #[test]
+fn bytes_damaged_on_the_way_fail_the_import_and_show_its_log() {
+    let pve = double();
+    let dir = tempfile::tempdir().unwrap();
+    let image = make_image(dir.path(), "tsidp", 16, "damaged");
+    pve.damage_next_uploads(1);
+    let r = run(omni(&pve, "upload").arg(&image));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("checksum mismatch"), "{}", r.stderr);
+    assert!(r.stderr.contains("last log lines"), "{}", r.stderr);
+    assert!(pve.vms().is_empty(), "a failed import left a VM");
+    // The next upload arrives whole and goes through.
+    let r = run(omni(&pve, "upload").arg(&image));
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(pve.vms().len(), 1);
+}
+
+#[test]
 fn a_connection_reset_mid_upload_is_retried_from_the_start() {
     let pve = double();
     let dir = tempfile::tempdir().unwrap();

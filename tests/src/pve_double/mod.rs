@@ -208,6 +208,9 @@ pub struct Shared {
     pub dir: PathBuf,
     /// Uploads whose connection is dropped mid-body before the parser sees them whole.
     pub upload_resets: AtomicU32,
+    /// Uploads whose bytes arrive damaged (as through a faulty proxy): the server's checksum
+    /// check then fails the import task.
+    pub upload_damages: AtomicU32,
     next_pid: AtomicU32,
 }
 
@@ -265,6 +268,7 @@ impl PveDouble {
             schema,
             dir: dir.path().to_path_buf(),
             upload_resets: AtomicU32::new(0),
+            upload_damages: AtomicU32::new(0),
             next_pid: AtomicU32::new(4000),
         });
 
@@ -306,6 +310,11 @@ impl PveDouble {
     /// Drops the connection of the next `n` uploads halfway through their bodies.
     pub fn reset_next_uploads(&self, n: u32) {
         self.shared.upload_resets.store(n, Ordering::SeqCst);
+    }
+
+    /// Damages the bytes of the next `n` uploads on their way in.
+    pub fn damage_next_uploads(&self, n: u32) {
+        self.shared.upload_damages.store(n, Ordering::SeqCst);
     }
 
     /// (vmid, name, template, tags) of every VM.
