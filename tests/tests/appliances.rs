@@ -21,6 +21,25 @@ fn seed(dir: &Path, user_data: &str) -> String {
 }
 
 /// The output of one `--exec` command, from `$ CMD` to the next `$ ` line.
+/// Boots `qcow2` with the seed `iso` and the `extra` flags, runs `cmds` in the guest, and
+/// returns what the boot printed (each command's output follows a `$ CMD` line).
+fn boot_with(qcow2: &Path, iso: &str, extra: &[&str], cmds: &[&str]) -> String {
+    let _lock = heavy_lock();
+    let mut args = vec!["boot", qcow2.to_str().unwrap(), "--seed", iso];
+    args.extend(extra);
+    for c in cmds {
+        args.extend(["--exec", c]);
+    }
+    let out = omni_image(&args);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "boot failed:\n{text}\n{}",
+        stderr(&out)
+    );
+    text
+}
+
 fn section<'a>(text: &'a str, cmd: &str) -> &'a str {
     let start = text
         .find(&format!("$ {cmd}\n"))
@@ -110,25 +129,7 @@ fn tsidp_runs_unprivileged_from_its_secrets_and_forgets_its_key_after_login() {
         "stat -c '%a' /var/lib/private/tsidp",
         "grep -c TS_AUTHKEY /etc/default/tsidp || true; grep TSIDP_HOSTNAME /etc/default/tsidp",
     ];
-    let _lock = heavy_lock();
-    let mut args = vec![
-        "boot",
-        qcow2.to_str().unwrap(),
-        "--seed",
-        &iso,
-        "--timeout",
-        "480",
-    ];
-    for c in &cmds {
-        args.extend(["--exec", c]);
-    }
-    let out = omni_image(&args);
-    let text = stdout(&out);
-    assert!(
-        out.status.success(),
-        "boot failed:\n{text}\n{}",
-        stderr(&out)
-    );
+    let text = boot_with(&qcow2, &iso, &["--timeout", "480"], &cmds);
 
     assert_eq!(section(&text, cmds[0]).trim(), "enabled\nenabled");
     assert_eq!(section(&text, cmds[1]).trim(), "600 root");
@@ -179,26 +180,11 @@ fn omni_renders_and_checks_its_project_and_says_it_cannot_pull() {
          systemctl show -p NRestarts omni.service; docker images -q | wc -l; journalctl -b -u omni.service --no-pager | tail -n 20",
         "systemd-analyze verify omni.service 2>&1; echo verify=$?",
     ];
-    let _lock = heavy_lock();
-    let mut args = vec![
-        "boot",
-        built.qcow2.to_str().unwrap(),
-        "--memory",
-        "2048",
-        "--seed",
+    let text = boot_with(
+        &built.qcow2,
         &iso,
-        "--timeout",
-        "600",
-    ];
-    for c in &cmds {
-        args.extend(["--exec", c]);
-    }
-    let out = omni_image(&args);
-    let text = stdout(&out);
-    assert!(
-        out.status.success(),
-        "boot failed:\n{text}\n{}",
-        stderr(&out)
+        &["--memory", "2048", "--timeout", "600"],
+        &cmds,
     );
 
     let status = section(&text, cmds[0]);
