@@ -121,7 +121,14 @@ pub fn run(args: &BuildArgs) -> Result<()> {
         crate::hosttools::check(crate::hosttools::Purpose::Build)?;
         std::process::exit(crate::userns::rerun_inside()?);
     }
-    let built = build(args).map_err(explain_disk_full)?;
+    // An output folder this build created is removed again if the build fails before
+    // putting anything in it.
+    let new_output = !args.output.exists();
+    let built = build(args).map_err(explain_disk_full).inspect_err(|_| {
+        if new_output {
+            let _ = std::fs::remove_dir(&args.output);
+        }
+    })?;
     for p in [
         built.qcow2.as_ref(),
         built.raw.as_ref(),
