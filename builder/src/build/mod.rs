@@ -94,13 +94,8 @@ pub fn run(args: &BuildArgs) -> Result<()> {
     if let Some(dir) = &args.print_bootstrap {
         let recipe = Recipe::load(&args.recipe)?;
         // The build's own default: the date of the suite's InRelease.
-        let epoch = match std::env::var("SOURCE_DATE_EPOCH")
-            .ok()
-            .filter(|v| !v.is_empty())
-        {
-            Some(v) => v
-                .parse()
-                .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number"))?,
+        let epoch = match epoch_from_env()? {
+            Some(epoch) => epoch,
             None => bootstrap::release_date(&bootstrap::fetch_inrelease(&recipe)?)
                 .map(|(_, epoch)| epoch)
                 .context("the suite's InRelease has no Date; set SOURCE_DATE_EPOCH")?,
@@ -193,13 +188,8 @@ pub fn build(args: &BuildArgs) -> Result<Built> {
         sources.artifacts.iter().filter(|a| a.downloaded).count(),
         sources.artifacts.len()
     ));
-    let epoch = match std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .filter(|v| !v.is_empty())
-    {
-        Some(v) => v
-            .parse()
-            .with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number"))?,
+    let epoch = match epoch_from_env()? {
+        Some(epoch) => epoch,
         None => sources
             .base
             .inrelease_epoch
@@ -491,6 +481,19 @@ fn file_name(p: &Path) -> String {
 }
 
 /// Fails early, naming the flag, when the output folder cannot be written.
+/// `SOURCE_DATE_EPOCH` from the environment, when it is set and not empty.
+fn epoch_from_env() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        Some(v) => Ok(Some(v.parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH=`{v}` is not a number")
+        })?)),
+        None => Ok(None),
+    }
+}
+
 fn ensure_writable(dir: &Path) -> Result<()> {
     fs_err::create_dir_all(dir).with_context(|| {
         format!(
